@@ -1,0 +1,21 @@
+"""ANODEV2 in JAX: coupled neural ODEs whose conv weights evolve by an RDA PDE."""
+
+from anodev2_jax.evolution import MLP, RDA, Evolution, Linear, Zero
+from anodev2_jax.solve import Plan, Trajectory, coupled_solve, make_plan, vector_field
+from anodev2_jax.stepping import euler, rk2, rk4
+
+__all__ = [
+    "MLP",
+    "RDA",
+    "Evolution",
+    "Linear",
+    "Plan",
+    "Trajectory",
+    "Zero",
+    "coupled_solve",
+    "euler",
+    "make_plan",
+    "rk2",
+    "rk4",
+    "vector_field",
+]

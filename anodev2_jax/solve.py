@@ -1,0 +1,387 @@
+"""coupled_solve: the discrete coupled map of SPEC §2, with DTO and OTD gradients.
+
+    w_{m+1} = Φ_δ(w_m; p),            m = 0..Nw-1,   δ = 1/Nw
+    z_{n+1} = RK step of f(·, θ) from z_n with step h = 1/Nz, stage i using θ = w_{m(n) + c_i Nw/Nz}
+
+All loops are Python-unrolled over the few fixed steps: on XLA:CPU the backward pass of a
+``lax.scan`` was measured 16-55x slower (../shared/bench/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from anodev2_jax import evolution as evolution_lib
+from anodev2_jax import stepping
+
+PyTree = Any
+SCHEDULES = ("conf1", "conf2")
+GRADIENTS = ("dto", "otd", "backprop")
+
+
+# -- the plan: step counts, schedule and method, validated once --------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static description of one coupled solve.
+
+    ``stage_indices[n][i]`` is the weight index m whose w_m is θ at stage i of z-step n.
+    """
+
+    num_z_steps: int
+    num_w_steps: int
+    method: str
+    stage_indices: tuple[tuple[int, ...], ...]
+
+    @property
+    def tableau(self) -> stepping.Tableau:
+        return stepping.TABLEAUS[self.method]
+
+    @property
+    def num_w_needed(self) -> int:
+        """How many weight steps the z-solve uses (w_0 .. w_{num_w_needed})."""
+        return max(max(row) for row in self.stage_indices)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer (a number of time steps)")
+    return value
+
+
+def make_plan(
+    num_z_steps: int,
+    num_w_steps: int | None = None,
+    schedule: str | Sequence[int] = "conf1",
+    method: str = "euler",
+) -> Plan:
+    """Validate step counts, schedule and method; raise ValueError naming the fix.
+
+    Schedules: ``"conf1"`` applies w at the z-step times, m(n) = n·Nw/Nz (Nw a multiple of
+    Nz; the paper's configuration 1 is Nz = Nw = 5); ``"conf2"`` applies only the first and
+    last weights, m = (0, Nw) with Nz = 2 (the paper's configuration 2); or an explicit
+    sequence m(0..Nz-1) of weight indices in 0..Nw. ``num_w_steps`` defaults to Nz.
+    """
+    nz = _positive_int("num_z_steps", num_z_steps)
+    nw = nz if num_w_steps is None else _positive_int("num_w_steps", num_w_steps)
+    tableau = stepping.check_method(method)
+    if isinstance(schedule, str):
+        if schedule == "conf1":
+            if nw % nz:
+                raise ValueError(
+                    f"schedule='conf1' applies w at the z-step times and needs num_w_steps a "
+                    f"multiple of num_z_steps; got num_z_steps={nz}, num_w_steps={nw}. Use "
+                    f"num_w_steps={nz * max(1, round(nw / nz))} or an explicit index map."
+                )
+            m = tuple(n * (nw // nz) for n in range(nz))
+        elif schedule == "conf2":
+            if nz != 2:
+                raise ValueError(
+                    f"schedule='conf2' applies w_0 then w_Nw and needs num_z_steps=2; got "
+                    f"num_z_steps={nz}. Use num_z_steps=2 or an explicit index map."
+                )
+            m = (0, nw)
+        else:
+            raise ValueError(
+                f"schedule={schedule!r} is unknown; use one of {SCHEDULES} or a sequence of "
+                f"{nz} weight indices in 0..{nw}"
+            )
+    else:
+        m = tuple(schedule)
+        if len(m) != nz:
+            raise ValueError(
+                f"schedule {list(m)} has {len(m)} entries; it needs one weight index per z-step, "
+                f"num_z_steps={nz}"
+            )
+        for n, mn in enumerate(m):
+            if isinstance(mn, bool) or not isinstance(mn, int) or not 0 <= mn <= nw:
+                raise ValueError(
+                    f"schedule entry m({n})={mn!r} is out of range; weight indices must be "
+                    f"integers in 0..num_w_steps={nw}"
+                )
+    stage_indices = []
+    for n, mn in enumerate(m):
+        row = []
+        for c in tableau.c:
+            index = mn + Fraction(c) * Fraction(nw, nz)
+            if index.denominator != 1:
+                need = Fraction(nz, 1) / Fraction(c).limit_denominator()
+                raise ValueError(
+                    f"method={method!r} needs θ at stage time t_{n} + {c}·h, weight index "
+                    f"{float(index):g}, which is not on the weight grid of num_w_steps={nw}; "
+                    f"use num_w_steps a multiple of {need.numerator} (= num_z_steps/{c}), or "
+                    "method='euler'"
+                )
+            if index > nw:
+                raise ValueError(
+                    f"method={method!r} needs θ at weight index {int(index)} for z-step {n}, "
+                    f"beyond num_w_steps={nw}: the schedule {list(m)} leaves no room for the "
+                    "stage times; use method='euler' with this schedule"
+                )
+            row.append(int(index))
+        stage_indices.append(tuple(row))
+    return Plan(nz, nw, method, tuple(stage_indices))
+
+
+# -- the forward map ----------------------------------------------------------------------------------
+def weight_trajectory(
+    evolution: evolution_lib.Evolution, w0: PyTree, p: PyTree, num_w_steps: int, count: int
+) -> list[PyTree]:
+    """[w_0, ..., w_count] with w_{m+1} = Φ_δ(w_m; p), δ = 1/num_w_steps."""
+    dt = 1.0 / num_w_steps
+    ws = [w0]
+    for m in range(count):
+        ws.append(evolution.step(ws[-1], m * dt, dt, p))
+    return ws
+
+
+def _z_trajectory(
+    f: Callable[..., Any], z0: PyTree, ws: Sequence[PyTree], args: Any, plan: Plan, has_aux: bool
+) -> tuple[list[PyTree], list[Any]]:
+    """[z_0, ..., z_Nz] and the aux output of every f evaluation (in order of evaluation)."""
+    h = 1.0 / plan.num_z_steps
+    zs, auxs = [z0], []
+
+    def field(theta: PyTree) -> Callable[[PyTree], PyTree]:
+        def stage(z: PyTree) -> PyTree:
+            out = f(z, theta, args)
+            if has_aux:
+                out, aux = out
+                auxs.append(aux)
+            return out
+
+        return stage
+
+    for row in plan.stage_indices:
+        fields = [field(ws[m]) for m in row]
+        zs.append(stepping.rk_step(fields, zs[-1], h, plan.tableau))
+    return zs, auxs
+
+
+def _forward(f, evolution, plan, has_aux, z0, w0, p, args):
+    ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
+    zs, auxs = _z_trajectory(f, z0, ws, args, plan, has_aux)
+    return zs[-1], tuple(auxs)
+
+
+# -- DTO: exact gradient, recomputing the block in the backward pass ----------------------------------
+def _after(xs: PyTree, ct: PyTree) -> PyTree:
+    """``xs`` unchanged in value, but made to depend on the cotangent ``ct``.
+
+    XLA:CPU drops ``optimization_barrier`` before scheduling and computes every block's
+    recomputation early, all live at once, so ``jax.checkpoint`` alone saved no memory
+    (measured in ../shared/bench/README.md and tests/test_solve.py). Adding 0·ct[0] is a real
+    data dependency that no scheduler can hoist over (floats: 0·x is not folded, x may be NaN).
+    """
+    first = jax.tree.leaves(ct)[0]
+    zero = jnp.ravel(first)[0] * 0
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), xs)
+
+
+def _dto(f, evolution, plan, has_aux):
+    def forward(z0, w0, p, args):
+        return _forward(f, evolution, plan, has_aux, z0, w0, p, args)
+
+    @jax.custom_vjp
+    def solve(z0, w0, p, args):
+        return forward(z0, w0, p, args)
+
+    def solve_fwd(z0, w0, p, args):
+        # Keep only the block's inputs: O(1) per block instead of O(Nz) activations.
+        return forward(z0, w0, p, args), (z0, w0, p, args)
+
+    def solve_bwd(inputs, cts):
+        ct_z1 = cts[0]
+        inputs = _after(inputs, ct_z1)
+        _, vjp = jax.vjp(lambda *xs: forward(*xs)[0], *inputs)
+        return vjp(ct_z1)
+
+    solve.defvjp(solve_fwd, solve_bwd)
+    return solve
+
+
+# -- OTD: the Neural ODE adjoint of Chen et al. -------------------------------------------------------
+def _otd(f, evolution, plan, has_aux):
+    """Keep only z(1); in the backward pass integrate (z, a) from t = 1 to 0 with the same
+    RK method and step, accumulating ∫ (∂f/∂θ)ᵀa and ∫ (∂f/∂φ)ᵀa. Stage i of the backward
+    step over [t_n, t_{n+1}] uses the θ of forward stage i (exact when θ is static)."""
+    tableau = plan.tableau
+    h = 1.0 / plan.num_z_steps
+
+    def forward(z0, w0, p, args):
+        return _forward(f, evolution, plan, has_aux, z0, w0, p, args)
+
+    def field(z, theta, args):
+        out = f(z, theta, args)
+        return out[0] if has_aux else out
+
+    @jax.custom_vjp
+    def solve(z0, w0, p, args):
+        return forward(z0, w0, p, args)
+
+    def solve_fwd(z0, w0, p, args):
+        out = forward(z0, w0, p, args)
+        return out, (out[0], w0, p, args)
+
+    def solve_bwd(residuals, cts):
+        z, w0, p, args = residuals
+        a = cts[0]
+
+        def trajectory(w0, p):
+            return weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
+
+        ws, weights_vjp = jax.vjp(trajectory, w0, p)
+        g_ws = [jax.tree.map(jnp.zeros_like, w) for w in ws]
+        g_args = jax.tree.map(jnp.zeros_like, args)
+        for row in reversed(plan.stage_indices):
+            ks = []
+            for a_row, b_i, m in zip(tableau.a, tableau.b, row, strict=True):
+                z_i, a_i = stepping.axpy((z, a), -h, list(zip(a_row, ks, strict=False)))
+                dz, vjp = jax.vjp(field, z_i, ws[m], args)
+                gz, gtheta, gargs = vjp(a_i)
+                ks.append((dz, jax.tree.map(jnp.negative, gz)))
+                if b_i:
+                    g_ws[m] = stepping.axpy(g_ws[m], h * b_i, [(1.0, gtheta)])
+                    g_args = stepping.axpy(g_args, h * b_i, [(1.0, gargs)])
+            z, a = stepping.axpy((z, a), -h, list(zip(tableau.b, ks, strict=True)))
+        g_w0, g_p = weights_vjp(g_ws)
+        return a, g_w0, g_p, g_args
+
+    solve.defvjp(solve_fwd, solve_bwd)
+    return solve
+
+
+def _backprop(f, evolution, plan, has_aux):
+    return lambda z0, w0, p, args: _forward(f, evolution, plan, has_aux, z0, w0, p, args)
+
+
+_SOLVERS = {"dto": _dto, "otd": _otd, "backprop": _backprop}
+
+
+# -- public API ---------------------------------------------------------------------------------------
+class Trajectory(NamedTuple):
+    """z: [z_0, ..., z_Nz]; w: [w_0, ..., w_Nw]; stage_indices: θ's weight index per stage."""
+
+    z: list[PyTree]
+    w: list[PyTree]
+    stage_indices: tuple[tuple[int, ...], ...]
+
+
+def _check_inputs(f, z0, w0, p, args, evolution, has_aux) -> None:
+    if not callable(f):
+        raise ValueError(f"f must be a callable f(z, theta, args) -> dz/dt; got {type(f).__name__}")
+    for name, tree in (("z0", z0), ("w0", w0)):
+        leaves = jax.tree.leaves(tree)
+        if not leaves:
+            raise ValueError(f"{name} has no arrays; pass a pytree of float arrays")
+        for leaf in leaves:
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise ValueError(
+                    f"{name} has a leaf of dtype {jnp.result_type(leaf)}; the coupled solve "
+                    "needs float32 or float64 arrays"
+                )
+    evolution.check(w0, p)
+    out = jax.eval_shape(f, z0, w0, args)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError("has_aux=True needs f to return a pair (dz/dt, aux)")
+        out = out[0]
+    shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), z0)
+    out_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), out)
+    if shapes != out_shapes:
+        raise ValueError(
+            f"f(z, theta, args) must return dz/dt with z's structure, shapes and dtypes "
+            f"{shapes}; it returned {out_shapes}"
+        )
+
+
+def coupled_solve(
+    f: Callable[..., Any],
+    z0: PyTree,
+    w0: PyTree,
+    p: PyTree = None,
+    args: Any = None,
+    *,
+    evolution: evolution_lib.Evolution | None = None,
+    num_z_steps: int = 5,
+    num_w_steps: int | None = None,
+    schedule: str | Sequence[int] = "conf1",
+    method: str = "euler",
+    gradient: str = "dto",
+    has_aux: bool = False,
+    return_trajectory: bool = False,
+) -> Any:
+    """Solve dz/dt = f(z, θ(t), args), dw/dt = q(w; p), θ = w on [0, 1] (SPEC §1-2).
+
+    Args:
+      f: the activation field ``f(z, theta, args) -> dz/dt`` (or ``(dz/dt, aux)`` with
+        ``has_aux``); z and theta are any pytrees.
+      z0: initial activations, a pytree of float arrays.
+      w0: initial weights (e.g. a (kh, kw, cin, cout) conv kernel or a pytree of them).
+      p: parameters of the evolution, as built by ``evolution.init(w0)`` (None for Zero).
+      args: static parameters φ of f (BatchNorm scale and offset, ...); differentiated too.
+      evolution: the weight evolution q and its step Φ; default ``RDA()`` (paper eq. B.4).
+      num_z_steps: Nz, activation steps of size h = 1/Nz.
+      num_w_steps: Nw, weight steps of size δ = 1/Nw; default Nz.
+      schedule: ``"conf1"``, ``"conf2"`` or explicit indices m(n) (see :func:`make_plan`).
+      method: ``"euler"``, ``"rk2"`` (midpoint) or ``"rk4"`` for the activation steps.
+      gradient: ``"dto"`` (exact, stores only the inputs and recomputes the block in the
+        backward pass; reverse mode only), ``"otd"`` (Neural ODE adjoint, inexact), or
+        ``"backprop"`` (exact, stores every step; supports forward mode too).
+      has_aux: f returns ``(dz/dt, aux)``; the solve then returns ``(result, auxs)`` with
+        the aux of every f evaluation in order of evaluation (forward pass only).
+      return_trajectory: return a :class:`Trajectory` (all z_n and w_m) instead of z(1);
+        it is differentiated by plain backprop.
+
+    Returns:
+      z(1), with z0's structure, shapes and dtypes (or a Trajectory; paired with the auxs).
+    """
+    evolution = evolution_lib.RDA() if evolution is None else evolution
+    plan = make_plan(num_z_steps, num_w_steps, schedule, method)
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient={gradient!r} is unknown; use one of {GRADIENTS}")
+    _check_inputs(f, z0, w0, p, args, evolution, has_aux)
+
+    if return_trajectory:
+        ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_steps)
+        zs, auxs = _z_trajectory(f, z0, ws, args, plan, has_aux)
+        trajectory = Trajectory(zs, ws, plan.stage_indices)
+        return (trajectory, tuple(auxs)) if has_aux else trajectory
+
+    # Only float leaves of args are differentiated; the others are closed over.
+    arg_leaves, arg_def = jax.tree.flatten(args)
+    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in arg_leaves]
+    fixed = [None if flt else x for x, flt in zip(arg_leaves, is_float, strict=True)]
+
+    def with_args(float_leaves: list[Any]) -> Any:
+        it = iter(float_leaves)
+        return arg_def.unflatten([next(it) if flt else x for x, flt in zip(fixed, is_float)])
+
+    def f_split(z, theta, float_leaves):
+        return f(z, theta, with_args(float_leaves))
+
+    solve = _SOLVERS[gradient](f_split, evolution, plan, has_aux)
+    z1, auxs = solve(z0, w0, p, [x for x, flt in zip(arg_leaves, is_float) if flt])
+    return (z1, auxs) if has_aux else z1
+
+
+def vector_field(
+    f: Callable[..., Any], evolution: evolution_lib.Evolution
+) -> Callable[[float, tuple[PyTree, PyTree], tuple[Any, PyTree]], tuple[PyTree, PyTree]]:
+    """The continuous coupled system (θ = w) as a diffrax vector field.
+
+    Returns ``field(t, (z, w), (args, p)) -> (f(z, w, args), q(t, w; p))``, to be passed as
+    ``diffrax.ODETerm(field)`` with ``y0=(z0, w0)`` and ``args=(args, p)``.
+    """
+
+    def field(t, y, field_args):
+        z, w = y
+        args, p = field_args
+        return f(z, w, args), evolution.vector_field(t, w, p)
+
+    return field
