@@ -46,7 +46,7 @@ class Evolution:
 
     scheme: str = "exact"
 
-    # -- per-kernel hooks -------------------------------------------------------------------
+    # -- per-kernel hooks --------------------------------------------------------------------------
     def _init_leaf(self, w: Array, key: Array | None) -> PyTree:
         raise NotImplementedError
 
@@ -61,19 +61,18 @@ class Evolution:
     def _check_leaf(self, name: str, w: Array, p: PyTree) -> None:
         """Raise ValueError if kernel ``w`` (called ``name``) or its parameters ``p`` are unfit."""
 
-    # -- pytree interface ---------------------------------------------------------------------
+    # -- pytree interface --------------------------------------------------------------------------
     def init(self, w: PyTree, key: Array | None = None) -> PyTree:
         """Initial parameters for every kernel leaf of ``w`` (arrays or ShapeDtypeStructs)."""
         leaves, treedef = jax.tree.flatten(w)
         keys = [None] * len(leaves) if key is None else list(jax.random.split(key, len(leaves)))
-        return treedef.unflatten(
-            [self._init_leaf(leaf, k) for leaf, k in zip(leaves, keys, strict=True)]
-        )
+        params = [self._init_leaf(leaf, k) for leaf, k in zip(leaves, keys, strict=True)]
+        return jax.tree.unflatten(treedef, params)
 
     def _param_leaves(self, w: PyTree, p: PyTree) -> list[PyTree]:
-        treedef = jax.tree.structure(w)
+        treedef: Any = jax.tree.structure(w)
         try:
-            return treedef.flatten_up_to(p)
+            return list(treedef.flatten_up_to(p))
         except (ValueError, TypeError) as e:
             raise ValueError(
                 f"{type(self).__name__} parameters must hold one entry per kernel of w "
@@ -84,7 +83,7 @@ class Evolution:
     def _map(self, fn: Callable[[Array, PyTree], Array], w: PyTree, p: PyTree) -> PyTree:
         leaves, treedef = jax.tree.flatten(w)
         outs = [fn(leaf, pl) for leaf, pl in zip(leaves, self._param_leaves(w, p), strict=True)]
-        return treedef.unflatten(outs)
+        return jax.tree.unflatten(treedef, outs)
 
     def vector_field(self, t: float, w: PyTree, p: PyTree) -> PyTree:
         """dw/dt = q(w; p) for every kernel leaf."""
@@ -100,6 +99,10 @@ class Evolution:
         """Validate shapes of kernels and parameters; raises ValueError naming the fix."""
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme={self.scheme!r} is unknown; use one of {SCHEMES}")
+        if self.scheme == "exact" and type(self)._exact_leaf is Evolution._exact_leaf:
+            raise ValueError(
+                f"{type(self).__name__} has no closed-form step; use scheme='euler', 'rk2' or 'rk4'"
+            )
         param_leaves = self._param_leaves(w, p)
         paths = jax.tree_util.tree_flatten_with_path(w)[0]
         for (path, leaf), pl in zip(paths, param_leaves, strict=True):
@@ -128,7 +131,7 @@ def _check_param_shapes(
             )
 
 
-# -- zero: the Neural ODE / ANODE case ------------------------------------------------------------
+# -- zero: the Neural ODE / ANODE case -------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Zero(Evolution):
     """q = 0: static weights, θ(t) = w0 (Neural ODE / ANODE). Takes no parameters (None)."""
@@ -234,7 +237,7 @@ class RDA(Evolution):
         )
 
 
-# -- linear -------------------------------------------------------------------------------------------
+# -- linear ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Linear(Evolution):
     """Linear evolution q(w) = A w, exactly stepped by exp(δA).
@@ -315,8 +318,8 @@ class MLP(Evolution):
         size = w.shape[0] * w.shape[1]
         slices = jnp.moveaxis(w.reshape(size, -1), 0, -1)  # (cin·cout, kh·kw)
         p = jax.tree.map(lambda x: x.astype(w.dtype), p)
-        hidden = jnp.tanh(slices @ p["w1"] + p["b1"])
-        out = hidden @ p["w2"] + p["b2"]
+        hidden = jnp.tanh(slices @ p["w1"] + p["b1"][None, :])
+        out = hidden @ p["w2"] + p["b2"][None, :]
         return jnp.moveaxis(out, -1, 0).reshape(w.shape)
 
     def _check_leaf(self, name: str, w: Array, p: PyTree) -> None:

@@ -25,7 +25,7 @@ SCHEDULES = ("conf1", "conf2")
 GRADIENTS = ("dto", "otd", "backprop")
 
 
-# -- the plan: step counts, schedule and method, validated once --------------------------------------
+# -- the plan: step counts, schedule and method, validated once ------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Static description of one coupled solve.
@@ -128,7 +128,7 @@ def make_plan(
     return Plan(nz, nw, method, tuple(stage_indices))
 
 
-# -- the forward map ----------------------------------------------------------------------------------
+# -- the forward map -------------------------------------------------------------------------------
 def weight_trajectory(
     evolution: evolution_lib.Evolution, w0: PyTree, p: PyTree, num_w_steps: int, count: int
 ) -> list[PyTree]:
@@ -163,13 +163,22 @@ def _z_trajectory(
     return zs, auxs
 
 
-def _forward(f, evolution, plan, has_aux, z0, w0, p, args):
+def _forward(
+    f: Callable[..., Any],
+    evolution: evolution_lib.Evolution,
+    plan: Plan,
+    has_aux: bool,
+    z0: PyTree,
+    w0: PyTree,
+    p: PyTree,
+    args: Any,
+) -> tuple[PyTree, tuple[Any, ...]]:
     ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
     zs, auxs = _z_trajectory(f, z0, ws, args, plan, has_aux)
     return zs[-1], tuple(auxs)
 
 
-# -- DTO: exact gradient, recomputing the block in the backward pass ----------------------------------
+# -- DTO: exact gradient, recomputing the block in the backward pass -------------------------------
 def _after(xs: PyTree, ct: PyTree) -> PyTree:
     """``xs`` unchanged in value, but made to depend on the cotangent ``ct``.
 
@@ -183,19 +192,21 @@ def _after(xs: PyTree, ct: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), xs)
 
 
-def _dto(f, evolution, plan, has_aux):
-    def forward(z0, w0, p, args):
+def _dto(
+    f: Callable[..., Any], evolution: evolution_lib.Evolution, plan: Plan, has_aux: bool
+) -> Callable[..., Any]:
+    def forward(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
         return _forward(f, evolution, plan, has_aux, z0, w0, p, args)
 
     @jax.custom_vjp
-    def solve(z0, w0, p, args):
+    def solve(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
         return forward(z0, w0, p, args)
 
-    def solve_fwd(z0, w0, p, args):
+    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
         # Keep only the block's inputs: O(1) per block instead of O(Nz) activations.
         return forward(z0, w0, p, args), (z0, w0, p, args)
 
-    def solve_bwd(inputs, cts):
+    def solve_bwd(inputs: Any, cts: Any) -> Any:
         ct_z1 = cts[0]
         inputs = _after(inputs, ct_z1)
         _, vjp = jax.vjp(lambda *xs: forward(*xs)[0], *inputs)
@@ -205,41 +216,43 @@ def _dto(f, evolution, plan, has_aux):
     return solve
 
 
-# -- OTD: the Neural ODE adjoint of Chen et al. -------------------------------------------------------
-def _otd(f, evolution, plan, has_aux):
+# -- OTD: the Neural ODE adjoint of Chen et al. ----------------------------------------------------
+def _otd(
+    f: Callable[..., Any], evolution: evolution_lib.Evolution, plan: Plan, has_aux: bool
+) -> Callable[..., Any]:
     """Keep only z(1); in the backward pass integrate (z, a) from t = 1 to 0 with the same
     RK method and step, accumulating ∫ (∂f/∂θ)ᵀa and ∫ (∂f/∂φ)ᵀa. Stage i of the backward
     step over [t_n, t_{n+1}] uses the θ of forward stage i (exact when θ is static)."""
     tableau = plan.tableau
     h = 1.0 / plan.num_z_steps
 
-    def forward(z0, w0, p, args):
+    def forward(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
         return _forward(f, evolution, plan, has_aux, z0, w0, p, args)
 
-    def field(z, theta, args):
+    def field(z: PyTree, theta: PyTree, args: Any) -> PyTree:
         out = f(z, theta, args)
         return out[0] if has_aux else out
 
     @jax.custom_vjp
-    def solve(z0, w0, p, args):
+    def solve(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
         return forward(z0, w0, p, args)
 
-    def solve_fwd(z0, w0, p, args):
+    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
         out = forward(z0, w0, p, args)
         return out, (out[0], w0, p, args)
 
-    def solve_bwd(residuals, cts):
+    def solve_bwd(residuals: Any, cts: Any) -> Any:
         z, w0, p, args = residuals
         a = cts[0]
 
-        def trajectory(w0, p):
+        def trajectory(w0: PyTree, p: PyTree) -> list[PyTree]:
             return weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
 
         ws, weights_vjp = jax.vjp(trajectory, w0, p)
         g_ws = [jax.tree.map(jnp.zeros_like, w) for w in ws]
         g_args = jax.tree.map(jnp.zeros_like, args)
         for row in reversed(plan.stage_indices):
-            ks = []
+            ks: list[tuple[PyTree, PyTree]] = []
             for a_row, b_i, m in zip(tableau.a, tableau.b, row, strict=True):
                 z_i, a_i = stepping.axpy((z, a), -h, list(zip(a_row, ks, strict=False)))
                 dz, vjp = jax.vjp(field, z_i, ws[m], args)
@@ -256,14 +269,16 @@ def _otd(f, evolution, plan, has_aux):
     return solve
 
 
-def _backprop(f, evolution, plan, has_aux):
+def _backprop(
+    f: Callable[..., Any], evolution: evolution_lib.Evolution, plan: Plan, has_aux: bool
+) -> Callable[..., Any]:
     return lambda z0, w0, p, args: _forward(f, evolution, plan, has_aux, z0, w0, p, args)
 
 
 _SOLVERS = {"dto": _dto, "otd": _otd, "backprop": _backprop}
 
 
-# -- public API ---------------------------------------------------------------------------------------
+# -- public API ------------------------------------------------------------------------------------
 class Trajectory(NamedTuple):
     """z: [z_0, ..., z_Nz]; w: [w_0, ..., w_Nw]; stage_indices: θ's weight index per stage."""
 
@@ -272,7 +287,15 @@ class Trajectory(NamedTuple):
     stage_indices: tuple[tuple[int, ...], ...]
 
 
-def _check_inputs(f, z0, w0, p, args, evolution, has_aux) -> None:
+def _check_inputs(
+    f: Callable[..., Any],
+    z0: PyTree,
+    w0: PyTree,
+    p: PyTree,
+    args: Any,
+    evolution: evolution_lib.Evolution,
+    has_aux: bool,
+) -> None:
     if not callable(f):
         raise ValueError(f"f must be a callable f(z, theta, args) -> dz/dt; got {type(f).__name__}")
     for name, tree in (("z0", z0), ("w0", w0)):
@@ -360,13 +383,15 @@ def coupled_solve(
 
     def with_args(float_leaves: list[Any]) -> Any:
         it = iter(float_leaves)
-        return arg_def.unflatten([next(it) if flt else x for x, flt in zip(fixed, is_float)])
+        return jax.tree.unflatten(
+            arg_def, [next(it) if flt else x for x, flt in zip(fixed, is_float, strict=False)]
+        )
 
-    def f_split(z, theta, float_leaves):
+    def f_split(z: PyTree, theta: PyTree, float_leaves: list[Any]) -> Any:
         return f(z, theta, with_args(float_leaves))
 
     solve = _SOLVERS[gradient](f_split, evolution, plan, has_aux)
-    z1, auxs = solve(z0, w0, p, [x for x, flt in zip(arg_leaves, is_float) if flt])
+    z1, auxs = solve(z0, w0, p, [x for x, flt in zip(arg_leaves, is_float, strict=False) if flt])
     return (z1, auxs) if has_aux else z1
 
 
@@ -379,7 +404,7 @@ def vector_field(
     ``diffrax.ODETerm(field)`` with ``y0=(z0, w0)`` and ``args=(args, p)``.
     """
 
-    def field(t, y, field_args):
+    def field(t: float, y: tuple[PyTree, PyTree], field_args: tuple[Any, PyTree]) -> Any:
         z, w = y
         args, p = field_args
         return f(z, w, args), evolution.vector_field(t, w, p)

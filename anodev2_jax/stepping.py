@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 VectorField = Callable[[float, PyTree, Any], PyTree]
@@ -50,9 +51,9 @@ def axpy(y: PyTree, dt: float, terms: Sequence[tuple[float, PyTree]]) -> PyTree:
     if not terms:
         return y
 
-    def combine(y_leaf, *k_leaves):
+    def combine(y_leaf: jax.Array, *k_leaves: jax.Array) -> jax.Array:
         total = sum(coeff * k for (coeff, _), k in zip(terms, k_leaves, strict=True))
-        return y_leaf + (dt * total).astype(y_leaf.dtype)
+        return y_leaf + jnp.asarray(dt * total, y_leaf.dtype)
 
     return jax.tree.map(combine, y, *(k for _, k in terms))
 
