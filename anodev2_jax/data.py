@@ -1,0 +1,428 @@
+"""CIFAR-10 sources, caching, normalisation, on-device augmentation and epoch order.
+
+Three copies of CIFAR-10 can be loaded, all as uint8 NHWC arrays on the host:
+
+- ``"tfds"``: the lossless original from a *prepared* TensorFlow Datasets ``cifar10``
+  (read with ``tfds.data_source``, which needs no TensorFlow; preparing it does);
+- ``"bundled"``: the JPEG re-encoding shipped in ``data/cifar10-jpeg.tar.gz``, decoded
+  once and cached as an ``.npz`` (JPEG is lossy: accuracies are close to, not equal to,
+  those on the original, so say which copy a number comes from);
+- ``"synthetic"``: small learnable random data for tests.
+
+Augmentation (random crop after 4-pixel zero padding, random horizontal flip) runs on the
+device inside the jitted train step; :func:`epoch_batches` gives the data order, a pure
+function of (seed, epoch) so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+Array = jax.Array
+PathLike = str | os.PathLike[str]
+
+CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SHAPE = (32, 32, 3)
+SOURCES = ("auto", "tfds", "bundled", "synthetic")
+
+BUNDLED_ARCHIVE = Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.tar.gz"
+BUNDLED_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"
+
+# Per-channel mean and standard deviation (over all pixels of all images) of the lossless
+# CIFAR-10 training set, on the [0, 1] scale. On the bundled JPEG copy the means agree to
+# 1e-4 and the standard deviations are 0.001-0.002 lower (JPEG smooths); tests/test_data.py
+# checks this, and one pair of constants serves every source.
+MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
+STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
+
+PAD = 4  # pixels of zero padding before the random crop
+
+
+class CIFAR10(NamedTuple):
+    """CIFAR-10 on the host: images uint8 (N, 32, 32, 3), labels int32 (N,) in 0..9."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str  # "tfds:cifar10", "bundled-jpeg" or "synthetic"
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load_cifar10(
+    source: str = "auto",
+    *,
+    data_dir: PathLike | None = None,
+    cache_dir: PathLike | None = None,
+    download: bool = False,
+    archive: PathLike | None = None,
+    archive_sha256: str = BUNDLED_SHA256,
+    num_train: int = 1024,
+    num_test: int = 256,
+    seed: int = 0,
+) -> CIFAR10:
+    """Load CIFAR-10 from ``source``.
+
+    source: "tfds" (prepared TFDS ``cifar10`` in ``data_dir``), "bundled" (the repository's
+        JPEG copy), "synthetic", or "auto": "tfds" when it is prepared (or ``download``
+        is set), else "bundled".
+    data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+    cache_dir: where the decoded bundled copy is cached (default: ``$ANODEV2_CACHE`` or
+        ``~/.cache/anodev2_jax``).
+    download: let TFDS download and prepare ``cifar10`` (needs network and TensorFlow).
+    archive, archive_sha256: the bundled tarball and its expected sha256 (for tests).
+    num_train, num_test, seed: sizes and seed of the "synthetic" source only.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r} is unknown; use one of {SOURCES}")
+    if source == "auto":
+        source = "tfds" if download or tfds_is_prepared(data_dir) else "bundled"
+    if source == "tfds":
+        return load_tfds(data_dir, download=download)
+    if source == "bundled":
+        return load_bundled(archive, sha256=archive_sha256, cache_dir=cache_dir)
+    return synthetic_cifar10(num_train, num_test, seed=seed)
+
+
+def _tfds_builder(data_dir: PathLike | None) -> Any:
+    import tensorflow_datasets as tfds  # imported here: it is slow and only this path needs it
+
+    return tfds.builder("cifar10", data_dir=None if data_dir is None else os.fspath(data_dir))
+
+
+def _is_prepared(builder: Any) -> bool:
+    # is_prepared() logs a warning for a missing folder; a missing folder is the common case.
+    return bool(builder.data_path.exists() and builder.is_prepared())
+
+
+def tfds_is_prepared(data_dir: PathLike | None = None) -> bool:
+    """Whether TFDS ``cifar10`` (current version) is prepared in ``data_dir``; no network."""
+    return _is_prepared(_tfds_builder(data_dir))
+
+
+def load_tfds(data_dir: PathLike | None = None, *, download: bool = False) -> CIFAR10:
+    """The lossless CIFAR-10 from a prepared TFDS ``cifar10`` (array_record format).
+
+    Checks that it is prepared before anything else: offline, a blind ``tfds.load`` would
+    try to download and hang for minutes.
+    """
+    builder = _tfds_builder(data_dir)
+    if not _is_prepared(builder):
+        where = builder.data_path
+        if not download:
+            raise ValueError(
+                f"TFDS cifar10 is not prepared in {where}. Prepare it with "
+                "load_cifar10('tfds', download=True, data_dir=...) on a machine with network "
+                "access and TensorFlow (or `tfds build cifar10 --file_format=array_record "
+                "--data_dir=...`), pass the data_dir that holds it, or use source='bundled' "
+                "for the JPEG copy shipped with this repository"
+            )
+        if importlib.util.find_spec("tensorflow") is None:
+            raise ValueError(
+                f"download=True must prepare TFDS cifar10 in {where}, and TFDS encodes the "
+                "images with TensorFlow, which is not installed; install tensorflow (or "
+                "tensorflow-cpu), prepare it elsewhere and pass its data_dir, or use "
+                "source='bundled'"
+            )
+    import tensorflow_datasets as tfds
+
+    # Random access (data_source) needs array_record files; TFDS only picks that format by
+    # itself when no data_dir is given.
+    builder_kwargs = {"file_format": "array_record"} if download else None
+    try:
+        splits = tfds.data_source(
+            "cifar10",
+            data_dir=None if data_dir is None else os.fspath(data_dir),
+            download=download,
+            builder_kwargs=builder_kwargs,
+        )
+    except NotImplementedError as e:
+        raise ValueError(
+            f"TFDS cifar10 in {builder.data_path} is not in array_record format, which "
+            "random access needs; prepare it again with --file_format=array_record "
+            f"in another data_dir ({e})"
+        ) from e
+    train_images, train_labels = _read_tfds_split(splits["train"], "train")
+    test_images, test_labels = _read_tfds_split(splits["test"], "test")
+    return CIFAR10(train_images, train_labels, test_images, test_labels, "tfds:cifar10")
+
+
+def _read_tfds_split(split: Sequence[Any], name: str) -> tuple[np.ndarray, np.ndarray]:
+    n = len(split)
+    images = np.empty((n, *IMAGE_SHAPE), np.uint8)
+    labels = np.empty((n,), np.int32)
+    chunk = 2048
+    with tqdm(total=n, desc=f"reading TFDS cifar10 {name}", unit="img", disable=None) as bar:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            # __getitems__ reads a batch of records at once (one by one is several times slower).
+            records = split.__getitems__(range(start, stop))  # type: ignore[attr-defined]
+            images[start:stop] = np.stack([r["image"] for r in records])
+            labels[start:stop] = [r["label"] for r in records]
+            bar.update(stop - start)
+    return images, labels
+
+
+def default_cache_dir() -> Path:
+    """``$ANODEV2_CACHE`` if set, else ``~/.cache/anodev2_jax``."""
+    return Path(os.environ.get("ANODEV2_CACHE") or Path.home() / ".cache" / "anodev2_jax")
+
+
+def load_bundled(
+    archive: PathLike | None = None,
+    *,
+    sha256: str = BUNDLED_SHA256,
+    cache_dir: PathLike | None = None,
+) -> CIFAR10:
+    """The JPEG copy of CIFAR-10: decoded once from ``archive``, then read from the cache.
+
+    archive: tarball with ``{train,test}/<class>/*.jpg`` (default: the repository's
+        ``data/cifar10-jpeg.tar.gz``); its sha256 must equal ``sha256``.
+    cache_dir: folder of the decoded ``.npz`` (default :func:`default_cache_dir`). The cache
+        is named by the archive's hash, so a cached copy is used even without the archive.
+    """
+    archive = BUNDLED_ARCHIVE if archive is None else Path(archive)
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    cache = cache_dir / f"cifar10-jpeg-{sha256[:16]}.npz"
+    cached = _read_cache(cache)
+    if cached is not None:
+        return cached
+    if not archive.is_file():
+        raise ValueError(
+            f"the bundled CIFAR-10 archive {archive} does not exist (and no cache {cache}); "
+            "pass archive=<path to cifar10-jpeg.tar.gz> or use source='tfds'"
+        )
+    actual = _sha256(archive)
+    if actual != sha256:
+        raise ValueError(
+            f"{archive} has sha256 {actual}, expected {sha256}: the file is damaged or not "
+            "the CIFAR-10 JPEG archive; restore it (e.g. `git checkout -- data/`)"
+        )
+    data = _decode_archive(archive)
+    _write_cache(cache, data)
+    return data
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _decode_archive(archive: Path) -> CIFAR10:
+    """Decode every JPEG of the archive, in sorted path order, labels by class folder."""
+    from PIL import Image
+
+    splits: dict[str, dict[str, bytes]] = {"train": {}, "test": {}}
+    with tarfile.open(archive, "r|gz") as tar:  # a stream: members are read in order
+        for member in tar:
+            if not member.isfile():
+                continue
+            parts = PurePosixPath(member.name).parts
+            if (
+                len(parts) != 3
+                or parts[0] not in splits
+                or parts[1] not in CLASS_NAMES
+                or not parts[2].lower().endswith(".jpg")
+            ):
+                raise ValueError(
+                    f"{archive} holds {member.name!r}; expected only "
+                    "{train,test}/<class>/<name>.jpg with <class> one of CLASS_NAMES"
+                )
+            blob = tar.extractfile(member)
+            assert blob is not None  # a regular file always has contents
+            splits[parts[0]][member.name] = blob.read()
+
+    total = sum(len(files) for files in splits.values())
+    arrays: dict[str, np.ndarray] = {}
+    # Decoding is bound by per-image Python overhead (32x32 images), so threads do not help;
+    # this takes a few seconds once, then the cache is read.
+    with tqdm(total=total, desc=f"decoding {archive.name}", unit="img", disable=None) as bar:
+        for split, files in splits.items():
+            names = sorted(files)
+            images = np.empty((len(names), *IMAGE_SHAPE), np.uint8)
+            for i, name in enumerate(names):
+                with Image.open(io.BytesIO(files[name]), formats=("JPEG",)) as image:
+                    pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+                if pixels.shape != IMAGE_SHAPE:
+                    raise ValueError(f"{archive}:{name} has shape {pixels.shape}, not 32x32 RGB")
+                images[i] = pixels
+                bar.update()
+            arrays[f"{split}_images"] = images
+            arrays[f"{split}_labels"] = np.array(
+                [CLASS_NAMES.index(PurePosixPath(n).parts[1]) for n in names], np.int32
+            )
+    return CIFAR10(**arrays, source="bundled-jpeg")
+
+
+_CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _write_cache(path: Path, data: CIFAR10) -> None:
+    """Write the arrays as an uncompressed .npz atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: getattr(data, k) for k in _CACHE_KEYS})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(path: Path) -> CIFAR10 | None:
+    """The cached arrays, or None when there is no readable cache (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in _CACHE_KEYS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    return CIFAR10(**arrays, source="bundled-jpeg")
+
+
+def synthetic_cifar10(num_train: int = 1024, num_test: int = 256, *, seed: int = 0) -> CIFAR10:
+    """Random but learnable CIFAR-shaped data, a pure function of (num_*, seed).
+
+    Class c is a colour ``colour_c`` (random per seed) modulated by a sinusoidal grating at
+    angle c·π/20 with a random phase per image, plus noise. Angles lie in [0, π/2), so a
+    horizontal flip (angle -> π - angle) never turns one class into another, and random
+    crops only shift the phase: the classes stay separable under :func:`augment`.
+    """
+    if num_train < 1 or num_test < 1:
+        raise ValueError(f"num_train={num_train}, num_test={num_test}; both must be >= 1")
+    classes_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
+    colours = np.random.default_rng(classes_seq).uniform(0.25, 0.75, (NUM_CLASSES, 3))
+
+    def split(seq: np.random.SeedSequence, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seq)
+        labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int32)
+        angle = labels * (np.pi / 20)
+        phase = rng.uniform(0, 2 * np.pi, n)
+        y, x = np.mgrid[: IMAGE_SHAPE[0], : IMAGE_SHAPE[1]]
+        along = np.cos(angle)[:, None, None] * x + np.sin(angle)[:, None, None] * y
+        wavenumber = 2 * np.pi * 3 / IMAGE_SHAPE[0]  # three periods across the image
+        grating = 0.6 + 0.4 * np.sin(wavenumber * along + phase[:, None, None])  # (n, 32, 32)
+        noise = rng.normal(0.0, 0.08, (n, *IMAGE_SHAPE))
+        pixels = colours[labels][:, None, None, :] * grating[..., None] + noise
+        return np.clip(np.rint(255 * pixels), 0, 255).astype(np.uint8), labels
+
+    train_images, train_labels = split(train_seq, num_train)
+    test_images, test_labels = split(test_seq, num_test)
+    return CIFAR10(train_images, train_labels, test_images, test_labels, "synthetic")
+
+
+# -- on-device preprocessing -------------------------------------------------------------------
+
+
+def normalize(images: Array | np.ndarray) -> Array:
+    """uint8 images (..., 3) in [0, 255] -> float32 (x/255 - MEAN) / STD per channel."""
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    shape = (1,) * (x.ndim - 1) + (3,)
+    return (x - jnp.asarray(MEAN).reshape(shape)) / jnp.asarray(STD).reshape(shape)
+
+
+def augmentation_params(key: Array, batch_size: int) -> tuple[Array, Array]:
+    """Random crop offsets int32 (B, 2) in [0, 2*PAD] and flip flags bool (B,)."""
+    offset_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(offset_key, (batch_size, 2), 0, 2 * PAD + 1, dtype=jnp.int32)
+    flips = jax.random.bernoulli(flip_key, 0.5, (batch_size,))
+    return offsets, flips
+
+
+def crop_and_flip(images: Array, offsets: Array, flips: Array) -> Array:
+    """Pad by PAD zeros, crop back to (H, W) at ``offsets``, then mirror where ``flips``.
+
+    images: (B, H, W, C) any dtype; offsets: (B, 2) int (row, column) of the crop's corner in
+    the padded image, in [0, 2*PAD]; (PAD, PAD) is the identity. flips: (B,) bool, flip
+    left-right after cropping. Returns (B, H, W, C), same dtype.
+    """
+    _, height, width, channels = images.shape
+    padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+    zero = jnp.zeros((), offsets.dtype)
+    crop = lambda image, offset: jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], zero), (height, width, channels)
+    )
+    cropped = jax.vmap(crop)(padded, offsets)
+    return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1, :], cropped)
+
+
+def augment(key: Array, images: Array) -> Array:
+    """Random 4-pixel-padded crop and random horizontal flip, per image; jittable.
+
+    images: (B, H, W, C), uint8 or float (dtype is kept). Apply it before :func:`normalize`
+    so the padding is black (pixel value 0), as in the usual CIFAR-10 pipeline.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"augment takes a batch (B, H, W, C); got shape {images.shape}")
+    offsets, flips = augmentation_params(key, images.shape[0])
+    return crop_and_flip(images, offsets, flips)
+
+
+# -- data order --------------------------------------------------------------------------------
+
+
+def epoch_batches(
+    num_examples: int, batch_size: int, key_or_seed: int | Array, epoch: int
+) -> np.ndarray:
+    """Example indices of every batch of ``epoch``: int64 (num_examples // batch_size, batch_size).
+
+    A fresh permutation per epoch, a pure function of (seed, epoch, num_examples) computed on
+    the host with numpy (so it does not change with devices, processes or the JAX version);
+    the last partial batch is dropped. Resume mid-epoch with ``epoch_batches(...)[step:]``;
+    with several processes, each loads its ``parallel.process_slice`` of every global batch.
+
+    key_or_seed: a non-negative int seed or a JAX PRNG key (its key data seeds numpy).
+    """
+    if batch_size < 1 or num_examples < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size} with num_examples={num_examples}: need "
+            "1 <= batch_size <= num_examples"
+        )
+    if epoch < 0:
+        raise ValueError(f"epoch={epoch} must be >= 0")
+    if isinstance(key_or_seed, int | np.integer):
+        if key_or_seed < 0:
+            raise ValueError(f"seed={key_or_seed} must be >= 0")
+        entropy = [int(key_or_seed)]
+    else:
+        key = key_or_seed
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        entropy = [int(word) for word in np.asarray(key).ravel()]
+    rng = np.random.default_rng(np.random.SeedSequence([*entropy, epoch]))
+    num_batches = num_examples // batch_size
+    order = rng.permutation(num_examples)[: num_batches * batch_size]
+    return order.reshape(num_batches, batch_size)
