@@ -287,7 +287,29 @@ class Trajectory(NamedTuple):
     stage_indices: tuple[tuple[int, ...], ...]
 
 
-def _check_inputs(
+def split_float_leaves(args: Any) -> tuple[list[Any], Callable[..., Any]]:
+    """The float leaves φ of ``args`` (the ones differentiated) and a function rebuilding args.
+
+    ``rebuild(phi, fill=None)`` puts new float leaves back; the other leaves stay as they
+    are, or become ``fill(leaf)`` when given (e.g. float0 zeros for a cotangent).
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    is_float = [bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact)) for x in leaves]
+
+    def rebuild(phi: list[Any], fill: Callable[[Any], Any] | None = None) -> Any:
+        it = iter(phi)
+        return jax.tree.unflatten(
+            treedef,
+            [
+                next(it) if flt else (x if fill is None else fill(x))
+                for x, flt in zip(leaves, is_float, strict=True)
+            ],
+        )
+
+    return [x for x, flt in zip(leaves, is_float, strict=True) if flt], rebuild
+
+
+def check_inputs(
     f: Callable[..., Any],
     z0: PyTree,
     w0: PyTree,
@@ -296,6 +318,7 @@ def _check_inputs(
     evolution: evolution_lib.Evolution,
     has_aux: bool,
 ) -> None:
+    """Validate a coupled solve's inputs (evolution shapes, f's output) before tracing it."""
     if not callable(f):
         raise ValueError(f"f must be a callable f(z, theta, args) -> dz/dt; got {type(f).__name__}")
     for name, tree in (("z0", z0), ("w0", w0)):
@@ -368,7 +391,7 @@ def coupled_solve(
     plan = make_plan(num_z_steps, num_w_steps, schedule, method)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient={gradient!r} is unknown; use one of {GRADIENTS}")
-    _check_inputs(f, z0, w0, p, args, evolution, has_aux)
+    check_inputs(f, z0, w0, p, args, evolution, has_aux)
 
     if return_trajectory:
         ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_steps)
@@ -376,22 +399,12 @@ def coupled_solve(
         trajectory = Trajectory(zs, ws, plan.stage_indices)
         return (trajectory, tuple(auxs)) if has_aux else trajectory
 
-    # Only float leaves of args are differentiated; the others are closed over.
-    arg_leaves, arg_def = jax.tree.flatten(args)
-    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in arg_leaves]
-    fixed = [None if flt else x for x, flt in zip(arg_leaves, is_float, strict=True)]
+    phi, with_phi = split_float_leaves(args)
 
-    def with_args(float_leaves: list[Any]) -> Any:
-        it = iter(float_leaves)
-        return jax.tree.unflatten(
-            arg_def, [next(it) if flt else x for x, flt in zip(fixed, is_float, strict=False)]
-        )
+    def f_split(z: PyTree, theta: PyTree, phi: list[Any]) -> Any:
+        return f(z, theta, with_phi(phi))
 
-    def f_split(z: PyTree, theta: PyTree, float_leaves: list[Any]) -> Any:
-        return f(z, theta, with_args(float_leaves))
-
-    solve = _SOLVERS[gradient](f_split, evolution, plan, has_aux)
-    z1, auxs = solve(z0, w0, p, [x for x, flt in zip(arg_leaves, is_float, strict=False) if flt])
+    z1, auxs = _SOLVERS[gradient](f_split, evolution, plan, has_aux)(z0, w0, p, phi)
     return (z1, auxs) if has_aux else z1
 
 

@@ -1,0 +1,213 @@
+"""The discrete KKT conditions of SPEC §4 (paper eq. 2.5a-e, K = Dirac, DTO), from per-step VJPs.
+
+Given a_Nz = ∂J/∂z_Nz, :func:`kkt_gradients` runs the adjoint recursion backwards through the
+discrete map that :func:`anodev2_jax.coupled_solve` computes, with the sign chosen so that
+every adjoint is a plain gradient (a_n = ∂J/∂z_n ↔ -α(t_n), b_m = ∂J/∂w_m ↔ -β(t_m),
+g_n ↔ -h γ(t_n) in the paper's continuous notation):
+
+    a_n    = a_{n+1} + h (∂f/∂z (z_n, θ_n))ᵀ a_{n+1}                 (2.5a)
+    g_n    = h (∂f/∂θ (z_n, θ_n))ᵀ a_{n+1}                            (2.5b, γ)
+    b_m    = (∂Φ/∂w (w_m))ᵀ b_{m+1} + Σ_{n: m(n)=m} g_n,   b_{m>M} = 0 (2.5c, β)
+    ∂J/∂w0 = b_0                                                     (2.5d)
+    ∂J/∂p  = Σ_m (∂Φ/∂p (w_m))ᵀ b_{m+1}                              (2.5e)
+    ∂J/∂φ  = Σ_n h (∂f/∂φ (z_n, θ_n))ᵀ a_{n+1}
+
+(Euler shown; M is the last weight index the z-solve uses). For an explicit Runge-Kutta step
+with stages y_i = z_n + h Σ_{j<i} a_ij k_j, k_i = f(y_i, θ_{m_i}), the recursion runs through
+the stages in reverse, with κ_i = ∂J/∂k_i:
+
+    κ_i = h (b_i a_{n+1} + Σ_{j>i} a_ji λ_j),
+    (λ_i, g_{n,i}, φ_{n,i}) = (∂f/∂(z, θ, φ) (y_{n,i}, θ_{m_i}))ᵀ κ_i,
+    a_n = a_{n+1} + Σ_i λ_i,
+
+and each stage's g_{n,i} is added to b at its own weight index m_i. Euler is the one-stage case
+κ_0 = h a_{n+1}. Only single f evaluations and single weight steps Φ_δ are differentiated
+(``jax.vjp``), never the solve. The result must equal ``jax.grad`` of
+``coupled_solve(..., gradient="dto")`` to rounding; tests/test_gradients.py checks it.
+
+There is no regulariser R here: for J + R(w0, p), add ∂R/∂w0 and ∂R/∂p to ``grad_w0`` and
+``grad_p`` (eq. 2.5d-e).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anodev2_jax import evolution as evolution_lib
+from anodev2_jax import stepping
+from anodev2_jax.solve import check_inputs, make_plan, split_float_leaves, weight_trajectory
+
+PyTree = Any
+
+
+class KKTResult(NamedTuple):
+    """Gradients of J and the adjoint trajectories of the discrete KKT recursion.
+
+    grad_z0, grad_w0, grad_p, grad_args: ∂J/∂z0 (= a_0), ∂J/∂w0 (= b_0, eq. 2.5d), ∂J/∂p
+      (eq. 2.5e) and ∂J/∂φ, shaped like z0, w0, p and args (float0 zeros for args' non-float
+      leaves, which are not differentiated, as in coupled_solve).
+    a: [a_0, ..., a_Nz], a_n = ∂J/∂z_n, each shaped like z0 (eq. 2.5a).
+    g: g[n][i] = (∂f/∂θ (y_{n,i}, θ_{m_i}))ᵀ κ_i, the γ contribution of stage i of z-step n,
+      shaped like w0 (eq. 2.5b; Euler: g[n][0] = g_n).
+    b: [b_0, ..., b_M], b_m = ∂J/∂w_m with M = plan.num_w_needed, shaped like w0 (eq. 2.5c).
+    z: [z_0, ..., z_Nz], the forward activations.
+    stage_z: stage_z[n][i] = y_{n,i}, the state at which stage i of z-step n evaluates f.
+    w: [w_0, ..., w_M], the forward weights.
+    stage_indices: stage_indices[n][i] = m_i, the weight index θ of that stage uses.
+    """
+
+    grad_z0: PyTree
+    grad_w0: PyTree
+    grad_p: PyTree
+    grad_args: Any
+    a: list[PyTree]
+    g: tuple[tuple[PyTree, ...], ...]
+    b: list[PyTree]
+    z: list[PyTree]
+    stage_z: tuple[tuple[PyTree, ...], ...]
+    w: list[PyTree]
+    stage_indices: tuple[tuple[int, ...], ...]
+
+
+def _zeros(tree: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _add(x: PyTree, y: PyTree) -> PyTree:
+    return stepping.axpy(x, 1.0, [(1.0, y)])
+
+
+def _recording(
+    field: Callable[..., PyTree],
+    theta: PyTree,
+    phi: list[Any],
+    states: list[PyTree],
+    vjps: list[Callable[..., Any]],
+) -> Callable[[PyTree], PyTree]:
+    """The stage field y -> f(y, θ, φ) that appends y and the VJP of this evaluation."""
+
+    def stage(y: PyTree) -> PyTree:
+        k, vjp = jax.vjp(field, y, theta, phi)
+        states.append(y)
+        vjps.append(vjp)
+        return k
+
+    return stage
+
+
+def kkt_gradients(
+    f: Callable[..., Any],
+    z0: PyTree,
+    w0: PyTree,
+    p: PyTree,
+    args: Any,
+    ct_z1: PyTree,
+    *,
+    evolution: evolution_lib.Evolution | None = None,
+    num_z_steps: int = 5,
+    num_w_steps: int | None = None,
+    schedule: str | Sequence[int] = "conf1",
+    method: str = "euler",
+    has_aux: bool = False,
+) -> KKTResult:
+    """∂J/∂(z0, w0, p, φ) of the coupled solve by the discrete KKT recursion (eq. 2.5a-e).
+
+    Takes the arguments of :func:`anodev2_jax.coupled_solve` (same defaults, same
+    validation), plus the cotangent of its output.
+
+    Args:
+      f: the activation field ``f(z, theta, args) -> dz/dt`` (``(dz/dt, aux)`` with
+        ``has_aux``; the aux is dropped).
+      z0: initial activations, a pytree of float arrays, e.g. (N, H, W, C).
+      w0: initial weights, e.g. a (kh, kw, cin, cout) kernel or a pytree of them.
+      p: parameters of the evolution (None for Zero).
+      args: the static parameters φ of f; its float leaves are differentiated.
+      ct_z1: a_Nz = ∂J/∂z_Nz, shaped like z0.
+      evolution, num_z_steps, num_w_steps, schedule, method: as in ``coupled_solve``.
+
+    Returns:
+      A :class:`KKTResult`: the four gradients and the trajectories a_n, g, b_m, z_n, w_m.
+    """
+    evolution = evolution_lib.RDA() if evolution is None else evolution
+    plan = make_plan(num_z_steps, num_w_steps, schedule, method)
+    check_inputs(f, z0, w0, p, args, evolution, has_aux)
+    shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), z0)
+    ct_shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), ct_z1)
+    if shapes != ct_shapes:
+        raise ValueError(
+            f"ct_z1 = ∂J/∂z1 must have z0's structure, shapes and dtypes {shapes}; got {ct_shapes}"
+        )
+
+    # Only float leaves of args are differentiated (as in coupled_solve); the rest are fixed.
+    phi, with_phi = split_float_leaves(args)
+
+    def field(z: PyTree, theta: PyTree, phi: list[Any]) -> PyTree:
+        out = f(z, theta, with_phi(phi))
+        return out[0] if has_aux else out
+
+    # Forward: the weights as coupled_solve computes them, and the z-steps through the same
+    # rk_step, recording each stage's state and the VJP of its one f evaluation.
+    h = 1.0 / plan.num_z_steps
+    tableau = plan.tableau
+    ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
+    zs = [z0]
+    stage_z: list[tuple[PyTree, ...]] = []
+    stage_vjps: list[list[Callable[..., Any]]] = []
+    for row in plan.stage_indices:
+        states: list[PyTree] = []
+        vjps: list[Callable[..., Any]] = []
+        fields = [_recording(field, ws[m], phi, states, vjps) for m in row]
+        zs.append(stepping.rk_step(fields, zs[-1], h, tableau))
+        stage_z.append(tuple(states))
+        stage_vjps.append(vjps)
+
+    # Backward over the z-steps: a_n (2.5a), γ per stage (2.5b), ∂J/∂φ.
+    num_stages = len(tableau.b)
+    a = [ct_z1]
+    g: list[tuple[PyTree, ...]] = []
+    gamma = [_zeros(w) for w in ws]  # Σ of the g's applied at each weight index m
+    grad_phi = _zeros(phi)
+    for n in reversed(range(plan.num_z_steps)):
+        a_next = a[0]
+        lam: list[PyTree] = [None] * num_stages
+        g_n: list[PyTree] = [None] * num_stages
+        for i in reversed(range(num_stages)):
+            later = [(tableau.a[j][i], lam[j]) for j in range(i + 1, num_stages)]
+            kappa = stepping.axpy(_zeros(a_next), h, [(tableau.b[i], a_next), *later])
+            lam[i], g_n[i], phi_i = stage_vjps[n][i](kappa)
+            m = plan.stage_indices[n][i]
+            gamma[m] = _add(gamma[m], g_n[i])
+            grad_phi = _add(grad_phi, phi_i)
+        a.insert(0, stepping.axpy(a_next, 1.0, [(1.0, lam_i) for lam_i in lam]))
+        g.insert(0, tuple(g_n))
+
+    # Backward over the weight steps: b_m (2.5c) and ∂J/∂p (2.5e).
+    dt = 1.0 / plan.num_w_steps
+    b = [gamma[-1]]
+    grad_p = _zeros(p)
+    for m in reversed(range(plan.num_w_needed)):
+        # The step weight_trajectory takes from w_m: Φ_δ at time m·δ.
+        _, step_vjp = jax.vjp(lambda w, p, m=m: evolution.step(w, m * dt, dt, p), ws[m], p)
+        ct_w, ct_p = step_vjp(b[0])
+        b.insert(0, _add(ct_w, gamma[m]))
+        grad_p = _add(grad_p, ct_p)
+
+    grad_args = with_phi(grad_phi, fill=lambda x: np.zeros(np.shape(x), jax.dtypes.float0))
+    return KKTResult(
+        grad_z0=a[0],
+        grad_w0=b[0],
+        grad_p=grad_p,
+        grad_args=grad_args,
+        a=a,
+        g=tuple(g),
+        b=b,
+        z=zs,
+        stage_z=tuple(stage_z),
+        w=ws,
+        stage_indices=plan.stage_indices,
+    )
