@@ -1,0 +1,455 @@
+"""The paper's CIFAR-10 models (SPEC §5, paper Appendix C) as Flax linen modules.
+
+AlexNet (residual), ResNet-4 and ResNet-10 for (B, 32, 32, 3) normalized images, 10 classes.
+Each residual block ``z1 = post(z0 + f(z0; θ))`` is an :class:`ODEBlock`: with ``ode=None``
+the plain block (the baseline), otherwise the coupled solve of SPEC §1-2 on [0, 1] by
+:func:`anodev2_jax.coupled_solve`, the block's conv kernels being the evolved weights w.
+
+The vector fields f are pure functions (``resnet_field``, ``alexnet_field``); a block passes
+them its kernels as w, the evolution parameters as p and its BatchNorm scale/offset (and
+AlexNet's conv bias) as args. One BatchNorm is shared by all of a block's f evaluations, as in
+ANODE. In training it normalizes with the batch statistics of each evaluation; the running
+statistics are updated once per call from the Nz·stages evaluations of the forward pass (see
+:func:`fold_moments`); in evaluation it uses the running statistics.
+
+Parameter counting (SPEC §5): BatchNorm scale and offset count, running statistics do not;
+AlexNet's convs and every fc layer have biases, the ResNets' convs have none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anodev2_jax import conv as conv_lib
+from anodev2_jax import evolution as evolution_lib
+from anodev2_jax import solve as solve_lib
+from anodev2_jax.conv import conv2d
+
+PyTree = Any
+Array = jax.Array
+
+MODELS = ("alexnet", "resnet4", "resnet10")
+VARIANTS = ("baseline", "node", "anode", "anodev2_conf1", "anodev2_conf2")
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+# Flax convention: running = momentum·running + (1 - momentum)·batch (PyTorch's momentum 0.1).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# He-normal over fan_out (kh·kw·cout), as torch_ref.py initialises the blocks' convs.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# -- the ODE settings of a block -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ODEConfig:
+    """How an ODE block solves z and w on [0, 1] (the arguments of ``coupled_solve``).
+
+    ``num_w_steps=None`` means Nw = Nz. Validated on construction (``make_plan``), so a bad
+    combination fails before any tracing.
+    """
+
+    num_z_steps: int = 2
+    num_w_steps: int | None = None
+    schedule: str | tuple[int, ...] = "conf1"
+    method: str = "euler"
+    gradient: str = "dto"
+    evolution: evolution_lib.Evolution = dataclasses.field(default_factory=evolution_lib.Zero)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, str):
+            object.__setattr__(self, "schedule", tuple(self.schedule))
+        if self.gradient not in solve_lib.GRADIENTS:
+            raise ValueError(
+                f"gradient={self.gradient!r} is unknown; use one of {solve_lib.GRADIENTS}"
+            )
+        if not isinstance(self.evolution, evolution_lib.Evolution):
+            raise ValueError(
+                f"evolution={self.evolution!r} is not an evolution operator; pass e.g. "
+                "anodev2_jax.RDA() or anodev2_jax.Zero()"
+            )
+        self.plan()
+
+    def plan(self) -> solve_lib.Plan:
+        """The validated step plan (raises ValueError naming the fix)."""
+        return solve_lib.make_plan(self.num_z_steps, self.num_w_steps, self.schedule, self.method)
+
+
+def variant_config(variant: str) -> ODEConfig | None:
+    """The ODE blocks of a paper variant (SPEC §5); None for the baseline's plain blocks."""
+    if variant == "baseline":
+        return None
+    if variant == "node":  # Neural ODE: static θ, Nt = 2, adjoint gradient (Table 4)
+        return ODEConfig(num_z_steps=2, gradient="otd", evolution=evolution_lib.Zero())
+    if variant == "anode":  # ANODE: static θ, Nt = 2, DTO gradient (Table 4)
+        return ODEConfig(num_z_steps=2, gradient="dto", evolution=evolution_lib.Zero())
+    if variant == "anodev2_conf1":  # Table 1: Nz = Nw = 5, θ_n = w_n
+        return ODEConfig(num_z_steps=5, schedule="conf1", evolution=evolution_lib.RDA())
+    if variant == "anodev2_conf2":  # Tables 2, 4: Nz = 2, Nw = 10, θ(0) then θ(1)
+        return ODEConfig(
+            num_z_steps=2, num_w_steps=10, schedule="conf2", evolution=evolution_lib.RDA()
+        )
+    raise ValueError(f"variant={variant!r} is unknown; use one of {VARIANTS}")
+
+
+# -- BatchNorm as pure functions -------------------------------------------------------------------
+def _channels(v: Array) -> Array:
+    """(C,) -> (1, 1, 1, C), broadcastable against NHWC activations."""
+    return v.reshape(1, 1, 1, -1)
+
+
+def batch_moments(x: Array) -> dict[str, Array]:
+    """Per-channel mean and (biased) variance of x (N, H, W, C) -> {"mean", "var"}: (C,)."""
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - _channels(mean)), axis=(0, 1, 2))
+    return {"mean": mean, "var": var}
+
+
+def batch_norm(
+    x: Array, norm: dict[str, Array], train: bool, epsilon: float = BN_EPSILON
+) -> tuple[Array, dict[str, Array]]:
+    """BatchNorm of x (N, H, W, C) and the moments it used.
+
+    ``norm``: {"scale", "bias"} (C,) and, for ``train=False``, the running {"mean", "var"}.
+    Training normalizes with the batch's own moments (and differentiates through them).
+    """
+    moments = batch_moments(x) if train else {"mean": norm["mean"], "var": norm["var"]}
+    inv = norm["scale"] * jax.lax.rsqrt(moments["var"] + epsilon)
+    y = (x - _channels(moments["mean"])) * _channels(inv) + _channels(norm["bias"])
+    return y, moments
+
+
+def fold_moments(
+    stats: dict[str, Array], moments: Sequence[dict[str, Array]], momentum: float = BN_MOMENTUM
+) -> dict[str, Array]:
+    """New running statistics after one training step that evaluated a BatchNorm k times.
+
+    running ← momentum·running + (1 - momentum)·(1/k) Σ_i moments_i, for mean and var alike:
+    one update per step, whatever k is (Nz·stages in an ODE block), so the effective
+    averaging horizon does not depend on Nz, and evaluation (which applies one shared
+    BatchNorm at every step) normalizes with the average of the statistics each evaluation
+    used in training. (PyTorch's forward would instead apply k momentum updates in sequence,
+    weighting late steps more, and ANODE's checkpoint recompute would apply them again.)
+    """
+    return jax.tree.map(
+        lambda old, *new: momentum * old + (1.0 - momentum) * (sum(new) / len(new)),
+        stats,
+        *[jax.lax.stop_gradient(m) for m in moments],
+    )
+
+
+# -- the blocks' vector fields f(z, θ, args) -> (dz/dt, moments) -----------------------------------
+def resnet_field(
+    z: Array, theta: PyTree, args: PyTree, *, train: bool, conv_impl: str = "xla"
+) -> tuple[Array, PyTree]:
+    """ResNet basic block field f(z) = BN2(conv2(ReLU(BN1(conv1(z))))), 3x3 convs, no bias.
+
+    z: (N, H, W, C); theta: {"conv1", "conv2"} (3, 3, C, C) kernels; args: {"bn1", "bn2"}
+    as :func:`batch_norm` takes them. The block's final ReLU acts after the solve.
+    """
+    h, bn1 = batch_norm(conv2d(z, theta["conv1"], 1, 1, conv_impl), args["bn1"], train)
+    h, bn2 = batch_norm(conv2d(jax.nn.relu(h), theta["conv2"], 1, 1, conv_impl), args["bn2"], train)
+    return h, {"bn1": bn1, "bn2": bn2}
+
+
+def alexnet_field(
+    z: Array, theta: PyTree, args: PyTree, *, train: bool, conv_impl: str = "xla"
+) -> tuple[Array, PyTree]:
+    """AlexNet's residual conv field f(z) = ReLU(BN(conv(z) + b)), 5x5 conv with bias b.
+
+    z: (N, H, W, C); theta: {"conv"} (5, 5, C, C); args: {"bias": (C,), "bn": ...}.
+    """
+    h = conv2d(z, theta["conv"], 1, 2, conv_impl) + _channels(args["bias"])
+    h, bn = batch_norm(h, args["bn"], train)
+    return jax.nn.relu(h), {"bn": bn}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    fn: Callable[..., tuple[Array, PyTree]]
+    kernel_size: int
+    kernels: tuple[str, ...]
+    norms: tuple[str, ...]
+    conv_bias: bool
+    post_relu: bool
+
+
+_FIELDS = {
+    "resnet": _Field(resnet_field, 3, ("conv1", "conv2"), ("bn1", "bn2"), False, True),
+    "alexnet": _Field(alexnet_field, 5, ("conv",), ("bn",), True, False),
+}
+
+
+# -- layers ----------------------------------------------------------------------------------------
+def _norm_variables(module: nn.Module, name: str, features: int, dtype: Any) -> tuple[Any, Any]:
+    """BatchNorm params {"scale", "bias"} and running stats {"mean", "var"} named ``name``."""
+    params = module.param(
+        name,
+        lambda _: {"scale": jnp.ones((features,), dtype), "bias": jnp.zeros((features,), dtype)},
+    )
+    stats = module.variable(
+        "batch_stats",
+        name,
+        lambda: {"mean": jnp.zeros((features,), dtype), "var": jnp.ones((features,), dtype)},
+    )
+    return params, stats
+
+
+class ConvBN(nn.Module):
+    """conv2d -> BatchNorm -> optional ReLU, for the layers outside the ODE blocks."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = False
+    relu: bool = True
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), self.dtype)
+        y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            y = y + _channels(bias)
+        norm, stats = _norm_variables(self, "bn", self.features, self.dtype)
+        y, moments = batch_norm(y, norm if train else {**norm, **stats.value}, train)
+        if train and not self.is_initializing():
+            stats.value = fold_moments(stats.value, [moments])
+        return jax.nn.relu(y) if self.relu else y
+
+
+class ODEBlock(nn.Module):
+    """A residual block with C channels in and out; an ODE block when ``ode`` is set.
+
+    ``ode=None``: z1 = post(z0 + f(z0; w0)) (the plain residual block, the baseline).
+    Otherwise: z1 = post(z(1)) of the coupled solve dz/dt = f(z, θ), dw/dt = q(w; p), θ = w.
+    ``field``: "resnet" (basic block, post = ReLU) or "alexnet" (5x5 conv, post = identity).
+
+    Variables: params {"w0": {kernel name: (k, k, C, C)}, "p": evolution parameters (absent
+    when the evolution has none), "bn1", "bn2" | "bn": {"scale", "bias"}, AlexNet's "bias"};
+    batch_stats {"bn1", "bn2" | "bn": {"mean", "var"}}.
+    """
+
+    channels: int
+    field: str = "resnet"
+    ode: ODEConfig | None = None
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: Array, train: bool) -> Array:
+        """z: (N, H, W, C) -> (N, H, W, C)."""
+        if self.field not in _FIELDS:
+            raise ValueError(f"field={self.field!r} is unknown; use one of {tuple(_FIELDS)}")
+        spec = _FIELDS[self.field]
+        c, k = self.channels, spec.kernel_size
+        if z.shape[-1] != c:
+            raise ValueError(
+                f"ODEBlock(channels={c}) got activations of shape {z.shape}; a residual block "
+                "keeps its channel count, so pass channels=z.shape[-1]"
+            )
+
+        def init_kernels(key: Array) -> dict[str, Array]:
+            keys = jax.random.split(key, len(spec.kernels))
+            return {
+                name: conv_init(kk, (k, k, c, c), self.dtype)
+                for name, kk in zip(spec.kernels, keys, strict=True)
+            }
+
+        w0 = self.param("w0", init_kernels)
+        args: dict[str, Any] = {}
+        stats = {}
+        for name in spec.norms:
+            norm, stats[name] = _norm_variables(self, name, c, self.dtype)
+            args[name] = norm if train else {**norm, **stats[name].value}
+        if spec.conv_bias:
+            args["bias"] = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
+        f = functools.partial(spec.fn, train=train, conv_impl=self.conv_impl)
+
+        if self.ode is None:
+            dz, aux = f(z, w0, args)
+            z1, auxs = z + dz, (aux,)
+        else:
+            evolution = self.ode.evolution
+            p = None
+            if _has_params(evolution, w0):
+                p = self.param("p", lambda key: evolution.init(w0, key))
+            z1, auxs = solve_lib.coupled_solve(
+                f,
+                z,
+                w0,
+                p,
+                args,
+                evolution=evolution,
+                num_z_steps=self.ode.num_z_steps,
+                num_w_steps=self.ode.num_w_steps,
+                schedule=self.ode.schedule,
+                method=self.ode.method,
+                gradient=self.ode.gradient,
+                has_aux=True,
+            )
+        # The forward pass's moments only: DTO and OTD discard those of their backward passes.
+        if train and not self.is_initializing():
+            for name in spec.norms:
+                stats[name].value = fold_moments(stats[name].value, [a[name] for a in auxs])
+        return jax.nn.relu(z1) if spec.post_relu else z1
+
+
+def _has_params(evolution: evolution_lib.Evolution, w0: PyTree) -> bool:
+    shapes = jax.eval_shape(lambda key: evolution.init(w0, key), jax.random.key(0))
+    return bool(jax.tree.leaves(shapes))
+
+
+class DownBlock(nn.Module):
+    """ResNet-10's layer2_1: ReLU(BN(conv3x3(ReLU(BN(conv3x3/2(x))))) + BN(conv1x1/2(x)))."""
+
+    features: int
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        """x: (N, H, W, Cin) -> (N, H/2, W/2, features)."""
+        common = dict(features=self.features, conv_impl=self.conv_impl, dtype=self.dtype)
+        h = ConvBN(kernel_size=3, stride=2, padding=1, name="conv1", **common)(x, train)
+        h = ConvBN(kernel_size=3, padding=1, relu=False, name="conv2", **common)(h, train)
+        shortcut = ConvBN(kernel_size=1, stride=2, relu=False, name="shortcut", **common)(x, train)
+        return jax.nn.relu(h + shortcut)
+
+
+# -- the models ------------------------------------------------------------------------------------
+def _check_images(x: Array, dtype: Any) -> Array:
+    if jnp.ndim(x) != 4 or tuple(jnp.shape(x)[1:]) != IMAGE_SHAPE:
+        raise ValueError(
+            f"images of shape {jnp.shape(x)}; the CIFAR-10 models take (B, 32, 32, 3) NHWC"
+        )
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(
+            f"images of dtype {jnp.result_type(x)}; pass normalized float images "
+            "(anodev2_jax.data.normalize)"
+        )
+    return jnp.asarray(x, dtype)
+
+
+class _CifarModel(nn.Module):
+    """Shared attributes: ``ode`` (None: the baseline), ``conv_impl``, ``dtype`` (of params
+    and computation)."""
+
+    ode: ODEConfig | None = None
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    def _common(self) -> dict[str, Any]:
+        return dict(conv_impl=self.conv_impl, dtype=self.dtype)
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, dtype=self.dtype, param_dtype=self.dtype, name=name)
+
+
+class AlexNet(_CifarModel):
+    """conv1 5x5 3→64, maxpool → 16x16, conv2 5x5 64→64 residual (the ODE block), maxpool →
+    8x8, fc 4096→384→192→10 (paper Table 5). 1,756,682 parameters as a baseline."""
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        """x: (B, 32, 32, 3) normalized images -> (B, 10) logits."""
+        x = _check_images(x, self.dtype)
+        x = ConvBN(64, 5, padding=2, use_bias=True, name="conv1", **self._common())(x, train)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = ODEBlock(64, "alexnet", self.ode, name="conv2", **self._common())(x, train)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2)).reshape(x.shape[0], -1)
+        x = jax.nn.relu(self._dense(384, "fc1")(x))
+        x = jax.nn.relu(self._dense(192, "fc2")(x))
+        return self._dense(NUM_CLASSES, "fc3")(x)
+
+
+class ResNet4(_CifarModel):
+    """conv1 3x3 3→16, one 16→16 basic block (the ODE block), maxpool 8/8 → 4x4x16,
+    fc 256→10 (paper Table 6). 7,706 parameters as a baseline."""
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        """x: (B, 32, 32, 3) normalized images -> (B, 10) logits."""
+        x = _check_images(x, self.dtype)
+        x = ConvBN(16, 3, padding=1, name="conv1", **self._common())(x, train)
+        x = ODEBlock(16, "resnet", self.ode, name="layer1_1", **self._common())(x, train)
+        x = nn.max_pool(x, (8, 8), strides=(8, 8)).reshape(x.shape[0], -1)
+        return self._dense(NUM_CLASSES, "fc")(x)
+
+
+class ResNet10(_CifarModel):
+    """conv1 3x3 3→16; layer1: two 16→16 ODE blocks; layer2: a 16→32 stride-2 block with a
+    1x1-conv shortcut, then a 32→32 ODE block; maxpool 8/8 → 2x2x32, fc 128→10 (paper
+    Table 6). 44,186 parameters as a baseline."""
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        """x: (B, 32, 32, 3) normalized images -> (B, 10) logits."""
+        x = _check_images(x, self.dtype)
+        x = ConvBN(16, 3, padding=1, name="conv1", **self._common())(x, train)
+        x = ODEBlock(16, "resnet", self.ode, name="layer1_1", **self._common())(x, train)
+        x = ODEBlock(16, "resnet", self.ode, name="layer1_2", **self._common())(x, train)
+        x = DownBlock(32, name="layer2_1", **self._common())(x, train)
+        x = ODEBlock(32, "resnet", self.ode, name="layer2_2", **self._common())(x, train)
+        x = nn.max_pool(x, (8, 8), strides=(8, 8)).reshape(x.shape[0], -1)
+        return self._dense(NUM_CLASSES, "fc")(x)
+
+
+_MODEL_CLASSES: dict[str, type[_CifarModel]] = {
+    "alexnet": AlexNet,
+    "resnet4": ResNet4,
+    "resnet10": ResNet10,
+}
+ODE_OVERRIDES = tuple(field.name for field in dataclasses.fields(ODEConfig))
+
+
+def create_model(
+    name: str,
+    variant: str,
+    *,
+    conv_impl: str = "xla",
+    dtype: Any = jnp.float32,
+    **ode_overrides: Any,
+) -> nn.Module:
+    """The model ``name`` (one of MODELS) in the paper's ``variant`` (one of VARIANTS).
+
+    ``ode_overrides``: any ODEConfig field (num_z_steps, num_w_steps, schedule, method,
+    gradient, evolution) replacing the variant's value, e.g.
+    ``create_model("resnet4", "anode", num_z_steps=4, method="rk2")``.
+    """
+    if name not in _MODEL_CLASSES:
+        raise ValueError(f"model {name!r} is unknown; use one of {MODELS}")
+    if conv_impl not in conv_lib.IMPLS:
+        raise ValueError(f"conv_impl={conv_impl!r} is unknown; use one of {conv_lib.IMPLS}")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"dtype={dtype!r}; the models run in float32 or float64")
+    unknown = sorted(set(ode_overrides) - set(ODE_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown model options {unknown}; the ODE options are {ODE_OVERRIDES}")
+    ode = variant_config(variant)
+    if ode is None and ode_overrides:
+        raise ValueError(
+            f"variant='baseline' has plain residual blocks and takes no ODE options (got "
+            f"{sorted(ode_overrides)}); use an ODE variant, e.g. 'anode' (static θ) with "
+            "num_z_steps=1 for the baseline's map as an ODE block"
+        )
+    if ode is not None:
+        ode = dataclasses.replace(ode, **ode_overrides)
+    return _MODEL_CLASSES[name](ode=ode, conv_impl=conv_impl, dtype=jnp.dtype(dtype))
+
+
+def count_params(params: PyTree) -> int:
+    """Number of scalars in a params pytree (arrays or ShapeDtypeStructs)."""
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
