@@ -1,0 +1,45 @@
+"""Train an ANODEV2 model on CIFAR-10.
+
+    python train.py --config=configs/resnet4.py --config.variant=anodev2_conf1 --workdir=runs/r4
+
+Any config field can be overridden with --config.FIELD=VALUE (see configs/default.py).
+Restarting with the same --workdir resumes from its last checkpoint.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from anodev2_jax import training
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, logs and results go (default: runs/MODEL-VARIANT)."
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects SLURM, TPU, ...)."
+)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
+        logging.set_verbosity(logging.WARNING)
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    config = FLAGS.config
+    workdir = FLAGS.workdir or f"runs/{config.model}-{config.variant}"
+    training.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
