@@ -4,6 +4,10 @@
 
 Any config field can be overridden with --config.FIELD=VALUE (see configs/default.py).
 Restarting with the same --workdir resumes from its last checkpoint.
+
+One process uses every local device. For several processes (hosts), start the same command
+in each with --coordinator_address=HOST0:PORT --num_processes=N --process_id=I, or with
+--distributed alone on SLURM and TPU VMs, where JAX finds these itself.
 """
 
 import jax
@@ -23,6 +27,19 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (auto-detects SLURM, TPU, ...)."
 )
+flags.DEFINE_integer(
+    "initialization_timeout", 300, "Multi-process: seconds to wait for all processes to connect."
+)
+flags.DEFINE_integer(
+    "heartbeat_timeout_seconds",
+    100,
+    "Multi-process: a process silent this long counts as dead, and all others stop with an error.",
+)
+flags.DEFINE_integer(
+    "shutdown_timeout_seconds",
+    300,
+    "Multi-process: how long a process that ends (or fails) waits for the others to end too.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -30,11 +47,15 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
         logging.set_verbosity(logging.WARNING)
-    if FLAGS.distributed or FLAGS.coordinator_address:
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.distributed or any(value is not None for value in explicit):
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
+            initialization_timeout=FLAGS.initialization_timeout,
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
+            shutdown_timeout_seconds=FLAGS.shutdown_timeout_seconds,
         )
     config = FLAGS.config
     workdir = FLAGS.workdir or f"runs/{config.model}-{config.variant}"

@@ -235,7 +235,7 @@ def evaluate(eval_step, state, images, labels, batch_size: int, mesh) -> dict[st
         rows = np.arange(start, start + batch_size)
         mask = rows < len(images)
         rows = np.minimum(rows, len(images) - 1)
-        batch = (images[rows][local], labels[rows][local], mask[local])
+        batch = (images[rows[local]], labels[rows[local]], mask[local])
         out = eval_step(state, *parallel.global_batch(batch, mesh))
         for name in totals:
             totals[name] += out[name].item()
@@ -276,18 +276,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     model = model_from_config(config)
     optimizer = make_optimizer(config, steps_per_epoch)
     dtype = jnp.dtype(config.dtype)
-    replicated, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    train_step = jax.jit(
-        make_train_step(model, optimizer, dtype),
-        in_shardings=(replicated, batch, batch),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    train_step = parallel.jit_data_parallel(
+        make_train_step(model, optimizer, dtype), mesh, num_batch_args=2, donate_state=True
     )
-    eval_step = jax.jit(
-        make_eval_step(model, dtype),
-        in_shardings=(replicated, batch, batch, batch),
-        out_shardings=replicated,
-    )
+    eval_step = parallel.jit_data_parallel(make_eval_step(model, dtype), mesh, num_batch_args=3)
 
     checkpoints = ocp.CheckpointManager(
         workdir / "checkpoints",
@@ -299,12 +291,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     num_params = models.count_params(state.params)
     if checkpoints.latest_step() is not None:
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
+            state,
         )
         state = checkpoints.restore(
             checkpoints.latest_step(), args=ocp.args.StandardRestore(abstract)
         )
-        print(f"Resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
+        if is_main:
+            print(f"Resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
     else:
         state = parallel.replicate(state, mesh)
 
@@ -318,7 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     local = parallel.process_slice(config.batch_size)
     best_accuracy, test_metrics = 0.0, {}
-    for record in _read_metrics(workdir / "metrics.jsonl") if is_main else []:
+    # Every process reads it (orbax needs a workdir all processes share) so all return the same.
+    for record in _read_metrics(workdir / "metrics.jsonl"):
         if record["kind"] == "test":
             best_accuracy = max(best_accuracy, record["accuracy"])
     step = int(state.step)
@@ -334,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 dynamic_ncols=True,
             )
             pending: list[tuple[int, dict]] = []
-            tick = time.time()
+            tick, stopping = time.time(), False
             for rows in order[offset:]:
                 rows = rows[local]
                 images, labels = dataset.train_images[rows], dataset.train_labels[rows]
@@ -342,7 +337,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 step += 1
                 pending.append((step, metrics))
                 bar.update()
-                if len(pending) == config.log_every_steps or step % steps_per_epoch == 0 or stop:
+                boundary = len(pending) == config.log_every_steps or step % steps_per_epoch == 0
+                # Saving a checkpoint is collective, so all processes must stop after the same
+                # step: with several they agree at log boundaries, where the host waits anyway.
+                if boundary or jax.process_count() == 1:
+                    stopping = parallel.any_process(bool(stop))
+                if boundary or stopping:
                     values = _check_finite(pending, checkpoints)
                     elapsed = time.time() - tick
                     values["images_per_sec"] = len(pending) * config.batch_size / elapsed
@@ -356,14 +356,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     )
                     log.write(step, "train", values)
                     pending, tick = [], time.time()
-                if stop:
+                if stopping:
                     break
             bar.close()
-            if stop:
+            if stopping:
                 save(state)
                 log.close()
+                cause = f"signal {stop[0]}" if stop else "a signal to another process"
                 raise SystemExit(
-                    f"Stopped by signal {stop[0]} at step {step}; checkpoint saved to "
+                    f"Stopped by {cause} at step {step}; checkpoint saved to "
                     f"{workdir / 'checkpoints'}. Run the same command to resume."
                 )
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
@@ -397,6 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "wall_time_sec": time.time() - start_time,
         "data_source": dataset.source,
         "devices": jax.device_count(),
+        "processes": jax.process_count(),
         "config": config.to_dict(),
     }
     log.close()
@@ -409,7 +411,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            continue
+    return records
 
 
 def _check_finite(pending: list[tuple[int, dict]], checkpoints) -> dict[str, float]:

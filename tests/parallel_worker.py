@@ -1,0 +1,134 @@
+"""Subprocess of tests/test_parallel.py: observations on forced CPU devices, then a run.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
+        python tests/parallel_worker.py OVERRIDES_JSON WORKDIR REPORT_JSON
+
+Builds configs/resnet4.py with the overrides, records what the test asserts (the shardings
+the train step sees, augmentation on a sharded batch, the batch-size error) and trains into
+WORKDIR with train_and_evaluate. Writes the observations to REPORT_JSON; asserts nothing.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from anodev2_jax import data, parallel, training
+from configs import resnet4
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def make_config(overrides: dict):
+    config = resnet4.get_config()
+    config.unlock()
+    config.update(overrides)
+    return config.lock()
+
+
+def describe(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict:
+    """What the test needs to know of one array's placement."""
+    return {
+        "spec": str(getattr(sharding, "spec", None)),
+        "num_devices": len(sharding.device_set),
+        "fully_replicated": sharding.is_fully_replicated,
+        "shard_shape": list(sharding.shard_shape(shape)),
+    }
+
+
+def record_step_shardings(report: dict) -> None:
+    """Make training's jitted steps note the placement of their first call's arguments."""
+    original = parallel.jit_data_parallel
+
+    def recording(step, mesh, num_batch_args, **kwargs):
+        jitted = original(step, mesh, num_batch_args, **kwargs)
+
+        def call(state, *batch):
+            if step.__name__ not in report:
+                report[step.__name__] = {
+                    "batch": [describe(x.sharding, x.shape) for x in batch],
+                    "batch_shard_rows": [
+                        [s.data.shape[0] for s in x.addressable_shards] for x in batch
+                    ],
+                    "state_in": [describe(x.sharding, x.shape) for x in jax.tree.leaves(state)],
+                }
+                outputs = jitted(state, *batch)
+                report[step.__name__]["outputs"] = [
+                    describe(x.sharding, x.shape) for x in jax.tree.leaves(outputs)
+                ]
+                return outputs
+            return jitted(state, *batch)
+
+        return call
+
+    parallel.jit_data_parallel = recording
+
+
+def augmentation_on_meshes(partitionable: bool) -> dict:
+    """Augment one batch on a 1-device and on the all-device mesh; bit-equal? collectives?"""
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    key = jax.random.key(3)
+    outputs, hlo = [], ""
+    with jax.threefry_partitionable(partitionable):
+        for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()):
+            augment = jax.jit(
+                data.augment,
+                in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                out_shardings=parallel.batch_sharded(mesh),
+            )
+            batch = jax.device_put(images, parallel.batch_sharded(mesh))
+            compiled = augment.lower(key, batch).compile()
+            outputs.append(np.asarray(compiled(key, batch)))
+            hlo = compiled.as_text()
+    return {
+        "bit_equal": bool(np.array_equal(*outputs)),
+        "changed_images": bool(not np.array_equal(outputs[1], images)),
+        "collectives": [name for name in COLLECTIVES if name in hlo],
+    }
+
+
+def batch_size_error(overrides: dict, workdir: Path) -> dict:
+    """train_and_evaluate with an indivisible batch: the message, and compile events before it."""
+    events: list[str] = []
+    on_duration = lambda event, duration, **kwargs: events.append(event)
+    on_event = lambda event, **kwargs: events.append(event)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        training.train_and_evaluate(make_config(overrides), workdir)
+        message = None
+    except ValueError as error:
+        message = str(error)
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+    jax.monitoring.unregister_event_listener(on_event)
+    return {
+        "message": message,
+        # /jax/core/compile/* (tracing, lowering, compiling) and /jax/compilation_cache/*
+        "compile_events": sorted({event for event in events if "compil" in event}),
+        "workdir_created": workdir.exists(),
+    }
+
+
+def main(overrides_json: str, workdir: str, report_path: str) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    overrides = json.loads(overrides_json)
+    report: dict = {
+        "device_count": jax.device_count(),
+        "threefry_partitionable_default": jax.config.jax_threefry_partitionable,
+        "augment": {str(p): augmentation_on_meshes(p) for p in (True, False)},
+        "batch_size_error": batch_size_error(
+            {**overrides, "batch_size": 10}, Path(workdir) / "bad_batch"
+        ),
+        "eval_batch_size_error": batch_size_error(
+            {**overrides, "eval_batch_size": 6}, Path(workdir) / "bad_eval_batch"
+        ),
+    }
+    record_step_shardings(report)
+    report["results"] = training.train_and_evaluate(make_config(overrides), Path(workdir) / "run")
+    Path(report_path).write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
