@@ -18,9 +18,10 @@ AlexNet's convs and every fc layer have biases, the ResNets' convs have none.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -305,6 +306,27 @@ class ODEBlock(nn.Module):
             for name in spec.norms:
                 stats[name].value = fold_moments(stats[name].value, [a[name] for a in auxs])
         return jax.nn.relu(z1) if spec.post_relu else z1
+
+
+@contextlib.contextmanager
+def ode_block_replaced(z1: Array) -> Iterator[list[Array]]:
+    """Cut a model at its ODE block: while active, an ODEBlock records its input z0 in the
+    yielded list and returns post(z1) (its own final activation) instead of solving.
+
+    A model's loss then reads J(params, z1) together with z0(params): stem, block and head
+    apart, e.g. to run the KKT recursion on one block of a whole model.
+    """
+    block_inputs: list[Array] = []
+
+    def replace(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        if isinstance(module, ODEBlock) and context.method_name == "__call__":
+            block_inputs.append(args[0])
+            return jax.nn.relu(z1) if _FIELDS[module.field].post_relu else z1
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(replace):
+        yield block_inputs
 
 
 def _has_params(evolution: evolution_lib.Evolution, w0: PyTree) -> bool:
