@@ -1,11 +1,57 @@
-"""2-D convolution used by the models, NHWC × HWIO, with a selectable implementation."""
+"""2-D convolution used by the models, NHWC × HWIO, with a selectable implementation.
+
+``impl="xla"`` is ``lax.conv_general_dilated`` and its autodiff. ``impl="cpu"`` computes the
+same values with formulations that XLA:CPU (jaxlib 0.10) runs faster, and differentiates them
+with a ``jax.custom_vjp``; results equal XLA's up to summation order. XLA:CPU gives a
+convolution to YNNPACK (one thread, as measured here) when it has more than 16 channels in or
+out, and to Eigen (all threads) otherwise. ``benchmarks/conv_microbench.py`` times each
+formulation; the choices are:
+
+- kernel gradient, stride 1: the convolution of x with g over the batch, as XLA writes it
+  (x as (Cin, H, W, N), g as (Ho, Wo, N, Cout), run by YNNPACK), behind a conditional.
+  XLA:CPU otherwise fuses the producers of x and g (BatchNorm, ReLU, their backward) into
+  those two transposes, which then read their inputs with a stride of H·W·C;
+  ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusion), a
+  conditional does.
+- kernel gradient, stride > 1 or a 1×1 kernel: one (Cin, N·Ho·Wo) @ (N·Ho·Wo, Cout) matmul
+  per tap of a strided slice of the padded x, where XLA's window convolution is slower.
+- input gradient: one stride-1 convolution of g that writes the stride² phases of dx as
+  channels, then a depth-to-space reshape. At stride 1 this is XLA's flipped-kernel
+  convolution; at stride 2 it replaces XLA's zero-dilated one, which XLA:CPU runs 2-4× slower.
+- stride-1 convolutions from or to at most 4 channels with at most 16 on the other side (the
+  3→16 stem): pairs of adjacent columns folded into channels, x (N, H, W, C) -> (N, H, W/2,
+  2C) by a free reshape of the padded x, with a (kh, kw//2 + 1, 2C, 2Cout) kernel that places
+  each tap by column parity (zeros elsewhere: 4/3 of the multiply-adds at 3×3). YNNPACK runs
+  that 2-4× faster than Eigen runs the 3-channel convolution.
+- any convolution without padding gets one zero row, its output row dropped: YNNPACK runs
+  unpadded convolutions 2-7× slower than padded ones.
+
+``impl="cpu_paired"`` also pairs the columns of 9-16-channel stride-1 convolutions (forward and
+input gradient): 1.35× faster than Eigen when XLA gets about one core (a busy machine), but
+slower than Eigen on two idle cores, since YNNPACK then uses only one.
+
+``impl="auto"`` is "cpu" when JAX's default backend is the CPU and "xla" elsewhere. The
+custom VJP supports reverse mode to any order (not ``jax.jvp``). Under ``jax.vmap`` the
+conditionals become selects that run both branches: use "xla" there.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "cpu", "cpu_paired", "auto")
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+_PADDING_NAMES = ("SAME", "VALID")
+_YNN_DTYPES = (jnp.float32, jnp.float64)  # the float types YNNPACK convolves (jaxlib 0.10)
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def conv2d(
@@ -13,11 +59,263 @@ def conv2d(
 ) -> jax.Array:
     """Cross-correlation of x (N, H, W, Cin) with w (kh, kw, Cin, Cout) -> (N, H', W', Cout).
 
-    ``padding``: "SAME", "VALID" or a symmetric number of zero rows/columns per side.
+    ``stride``: the same positive step along H and W. ``padding``: "SAME", "VALID" or a
+    symmetric number of zero rows/columns per side. ``impl``: one of :data:`IMPLS`.
     """
+    pads = check_args(x, w, stride, padding, impl)
+    stride = int(stride)
+    if impl == "auto":
+        impl = "cpu" if jax.default_backend() == "cpu" else "xla"
+    if impl in ("cpu", "cpu_paired"):
+        return _conv_cpu(x, w, stride, pads, impl == "cpu_paired")
+    return _conv_xla(x, w, stride, pads)
+
+
+def check_args(x: Any, w: Any, stride: Any, padding: Any, impl: Any) -> Pads:
+    """Validate the arguments of :func:`conv2d`; return its padding as ((lo, hi), (lo, hi))."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl={impl!r} is unknown; use one of {IMPLS}")
-    pad = padding if isinstance(padding, str) else [(padding, padding), (padding, padding)]
+    if jnp.ndim(x) != 4 or jnp.ndim(w) != 4:
+        raise ValueError(
+            f"conv2d takes x (N, H, W, Cin) and w (kh, kw, Cin, Cout); got x of shape "
+            f"{jnp.shape(x)} and w of shape {jnp.shape(w)}"
+        )
+    x_shape, w_shape = jnp.shape(x), jnp.shape(w)
+    if x_shape[3] != w_shape[2]:
+        raise ValueError(
+            f"x has {x_shape[3]} channels but w of shape {w_shape} expects {w_shape[2]}; "
+            f"use a kernel (kh, kw, {x_shape[3]}, Cout)"
+        )
+    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
+        raise ValueError(f"stride={stride!r} must be a positive int, e.g. 1 or 2")
+    if isinstance(padding, str):
+        if padding not in _PADDING_NAMES:
+            raise ValueError(f"padding={padding!r} is unknown; use {_PADDING_NAMES} or an int")
+        step = (int(stride), int(stride))
+        spatial_pads = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], step, padding)
+        (h_lo, h_hi), (w_lo, w_hi) = spatial_pads
+        return (int(h_lo), int(h_hi)), (int(w_lo), int(w_hi))
+    if isinstance(padding, bool) or not isinstance(padding, int | np.integer) or padding < 0:
+        raise ValueError(f"padding={padding!r} must be 'SAME', 'VALID' or an int >= 0")
+    p = int(padding)
+    return (p, p), (p, p)
+
+
+def _conv_xla(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Array:
     return lax.conv_general_dilated(
-        x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, w, (stride, stride), pads, dimension_numbers=_DIMENSION_NUMBERS
     )
+
+
+def _conv(x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool) -> jax.Array:
+    """The convolution as impl="cpu" (paired=False) or "cpu_paired" computes it."""
+    kh, kw, cin, cout = w.shape
+    # pairing hands YNNPACK (one thread) what Eigen (all threads) would run: see the module doc
+    ynn_after_pairing = 8 < max(cin, cout) <= 16 and x.dtype in _YNN_DTYPES
+    pair = stride == 1 and kw > 1 and ynn_after_pairing and (paired or min(cin, cout) <= 4)
+    if kh * kw > 1 and pads == ((0, 0), (0, 0)) and (pair or max(cin, cout) > 16):
+        # YNNPACK runs convolutions with no padding at all 2-7x slower: pad ``stride`` zero
+        # rows in front and drop the output row that they make.
+        return _conv(x, w, stride, ((stride, 0), (0, 0)), paired)[:, 1:]
+    if pair:
+        return conv_paired_columns(x, w, pads)
+    return _conv_xla(x, w, stride, pads)
+
+
+def conv_paired_columns(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
+    """Stride-1 convolution with pairs of adjacent columns folded into channels.
+
+    x: (N, H, W, Cin); w: (kh, kw, Cin, Cout) -> (N, Ho, Wo, Cout). Output column 2b + q
+    reads the padded column 2b + q + j = 2(b + jj) + r for tap j, so the paired kernel is
+    K[i, jj, (r, c), (q, o)] = w[i, j, c, o] where 2 jj + r = q + j, and zero elsewhere.
+    """
+    n, h, width, cin = x.shape
+    kh, kw, _, cout = w.shape
+    (h_lo, h_hi), (w_lo, w_hi) = pads
+    out_width = width + w_lo + w_hi - kw + 1
+    pairs_out, pairs_kernel = -(-out_width // 2), kw // 2 + 1
+    pairs_in = pairs_out + pairs_kernel - 1
+    # The W padding goes into the data (the pairing needs it; a negative count crops). Fused
+    # with the producer of x (BatchNorm, ReLU), XLA:CPU runs this pad 2-3x slower than alone.
+    pad_columns = ((0, 0, 0), (0, 0, 0), (w_lo, 2 * pairs_in - width - w_lo, 0), (0, 0, 0))
+    xp = _materialized(lambda x: lax.pad(x, jnp.zeros((), x.dtype), pad_columns), x)
+    xp = xp.reshape(n, h, pairs_in, 2 * cin)
+    tap = np.full((pairs_kernel, 2, 2), kw, dtype=np.int32)  # [jj, r, q] -> j (kw: none)
+    for q in range(2):
+        for j in range(kw):
+            tap[(q + j) // 2, (q + j) % 2, q] = j
+    w_ext = jnp.pad(w, ((0, 0), (0, 1), (0, 0), (0, 0)))  # w_ext[:, kw] = 0
+    kernel = jnp.transpose(w_ext[:, tap], (0, 1, 2, 4, 3, 5))  # (kh, jj, r, c, q, o)
+    out = lax.conv_general_dilated(
+        xp,
+        kernel.reshape(kh, pairs_kernel, 2 * cin, 2 * cout),
+        (1, 1),
+        ((h_lo, h_hi), (0, 0)),
+        dimension_numbers=_DIMENSION_NUMBERS,
+    )
+    return out.reshape(n, out.shape[1], 2 * pairs_out, cout)[:, :, :out_width, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_cpu(x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool) -> jax.Array:
+    return _conv(x, w, stride, pads, paired)
+
+
+def _conv_cpu_fwd(
+    x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _conv(x, w, stride, pads, paired), (x, w)
+
+
+def _conv_cpu_bwd(
+    stride: int,
+    pads: Pads,
+    paired: bool,
+    residuals: tuple[jax.Array, jax.Array],
+    g: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    x, w = residuals
+    dx = input_grad(g, w, x.shape, stride, pads, paired)
+    dw = _materialized(lambda x, g: kernel_grad(x, g, w.shape, stride, pads), x, g)
+    return dx, dw
+
+
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+
+
+def _materialized(fn: Callable[..., jax.Array], *operands: jax.Array) -> jax.Array:
+    """fn(*operands), computed where XLA cannot fuse the operands' producers into it.
+
+    Both branches of the conditional are fn; the predicate only has to be unknown at compile
+    time (it is False only when the first element is NaN, and then fn runs all the same).
+    """
+    if any(op.size == 0 for op in operands):
+        return fn(*operands)
+    first = operands[0].reshape(-1)[0]
+    return lax.cond(first == first, fn, fn, *operands)
+
+
+# -- kernel gradient -------------------------------------------------------------------------------
+def kernel_grad(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int, pads: Pads
+) -> jax.Array:
+    """dL/dw (kh, kw, Cin, Cout) of y = conv(x, w) from x (N, H, W, Cin) and g = dL/dy."""
+    kh, kw = kernel_shape[:2]
+    if stride == 1 and kh * kw > 1:
+        return kernel_grad_conv(x, g, kernel_shape, pads)
+    return kernel_grad_taps(x, g, kernel_shape, stride, pads)
+
+
+def kernel_grad_conv(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], pads: Pads
+) -> jax.Array:
+    """Stride-1 kernel gradient as one convolution: batch Cin, features N, window g.
+
+    x: (N, H, W, Cin); g: (N, Ho, Wo, Cout) -> (kh, kw, Cin, Cout).
+    """
+    kh, kw = kernel_shape[:2]
+    # as in _conv: a zero row in front when there is no padding at all
+    extra = 1 if pads == ((0, 0), (0, 0)) else 0
+    (h_lo, h_hi), w_pads = pads
+    out = lax.conv_general_dilated(
+        jnp.transpose(x, (3, 1, 2, 0)),
+        jnp.transpose(g, (1, 2, 0, 3)),
+        (1, 1),
+        ((h_lo + extra, h_hi), w_pads),
+        dimension_numbers=_DIMENSION_NUMBERS,
+    )  # (Cin, kh + extra, kw, Cout)
+    return jnp.transpose(out[:, extra : extra + kh, :kw, :], (1, 2, 0, 3))
+
+
+def kernel_grad_taps(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int, pads: Pads
+) -> jax.Array:
+    """Kernel gradient as one matmul per tap: dw[i, j] = x_ij (R, Cin)ᵀ @ g (R, Cout).
+
+    x_ij is the strided slice of the padded x that tap (i, j) reads, R = N·Ho·Wo.
+    """
+    kh, kw, cin, cout = kernel_shape
+    n, ho, wo, _ = g.shape
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    g_rows = g.reshape(n * ho * wo, cout)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            x_ij = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, cin),
+                (1, stride, stride, 1),
+            )
+            taps.append(
+                lax.dot_general(x_ij.reshape(n * ho * wo, cin), g_rows, (((0,), (0,)), ((), ())))
+            )
+    return jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+
+# -- input gradient --------------------------------------------------------------------------------
+def _phase_taps(k: int, stride: int, pad_lo: int) -> tuple[np.ndarray, int]:
+    """Which kernel tap feeds which input phase at which offset, along one spatial axis.
+
+    Input row y = stride·b + p (phase p) receives g[b + d] w[i] for every tap i with
+    p + pad_lo - i = stride·d. Returns table (D, stride) of tap indices (k: no tap) for
+    offsets d = d_min .. d_min + D - 1, and d_min.
+    """
+    offsets = {
+        (p, (p + pad_lo - i) // stride): i
+        for p in range(stride)
+        for i in range(k)
+        if (p + pad_lo - i) % stride == 0
+    }
+    ds = [d for _, d in offsets] or [0]
+    d_min, d_max = min(ds), max(ds)
+    table = np.full((d_max - d_min + 1, stride), k, dtype=np.int32)
+    for (p, d), i in offsets.items():
+        table[d - d_min, p] = i
+    return table, d_min
+
+
+def input_grad(
+    g: jax.Array,
+    w: jax.Array,
+    x_shape: tuple[int, ...],
+    stride: int,
+    pads: Pads,
+    paired: bool = False,
+) -> jax.Array:
+    """dL/dx (N, H, W, Cin) of y = conv(x, w) from g = dL/dy (N, Ho, Wo, Cout).
+
+    One stride-1 convolution of g with a (Dh, Dw, Cout, stride²·Cin) kernel gives every phase
+    (y mod stride, x mod stride) of dx; a depth-to-space reshape interleaves them.
+    """
+    n, h, wd, cin = x_shape
+    kh, kw, _, cout = w.shape
+    ho, wo = g.shape[1:3]
+    s = stride
+    table_h, dh_min = _phase_taps(kh, s, pads[0][0])
+    table_w, dw_min = _phase_taps(kw, s, pads[1][0])
+    # kernel[a, b, o, (p, q, c)] = w[table_h[a, p], table_w[b, q], c, o], zero for "no tap"
+    w_ext = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    kernel = w_ext[table_h[:, None, :, None], table_w[None, :, None, :]]  # (Dh, Dw, s, s, Ci, Co)
+    kernel = jnp.transpose(kernel, (0, 1, 5, 2, 3, 4)).reshape(
+        table_h.shape[0], table_w.shape[0], cout, s * s * cin
+    )
+    blocks_h, blocks_w = -(-h // s), -(-wd // s)
+    # out[b] = sum_e g[b + d_min + e] kernel[e] for b < blocks: g gets -d_min rows in front and
+    # enough behind; a negative count crops rows that no input row reads.
+    g_pads = [
+        (-d_min, blocks + table.shape[0] - 1 - size + d_min)
+        for blocks, table, d_min, size in (
+            (blocks_h, table_h, dh_min, ho),
+            (blocks_w, table_w, dw_min, wo),
+        )
+    ]
+    crops = [(min(lo, 0), min(hi, 0), 0) for lo, hi in g_pads]
+    g = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), *crops, (0, 0, 0)))
+    (gh_lo, gh_hi), (gw_lo, gw_hi) = g_pads
+    conv_pads = ((max(gh_lo, 0), max(gh_hi, 0)), (max(gw_lo, 0), max(gw_hi, 0)))
+    out = _conv(g, kernel, 1, conv_pads, paired)  # (N, blocks_h, blocks_w, s·s·Cin)
+    if s > 1:
+        out = out.reshape(n, blocks_h, blocks_w, s, s, cin)
+        out = jnp.transpose(out, (0, 1, 3, 2, 4, 5)).reshape(n, blocks_h * s, blocks_w * s, cin)
+    return out[:, :h, :wd, :]

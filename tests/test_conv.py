@@ -1,0 +1,137 @@
+"""conv2d: impls "cpu" and "cpu_paired" equal XLA's convolution in value and in first and second
+derivatives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tree_relative_error
+from jax.test_util import check_grads
+
+from anodev2_jax import conv as conv_lib
+from anodev2_jax.conv import conv2d
+
+# (H, W, Cin, Cout, kernel, stride, padding): each reaches a different formulation
+CASES = {
+    "stem 3x3 (paired columns)": (8, 8, 3, 16, 3, 1, 1),
+    "12 channels SAME (cpu_paired pairs, conv dw)": (8, 8, 12, 12, 3, 1, "SAME"),
+    "VALID odd width (unpadded conv and dw)": (6, 7, 10, 4, 3, 1, "VALID"),
+    "VALID 20 channels (unpadded, YNNPACK)": (6, 6, 20, 18, 3, 1, "VALID"),
+    "5x5 padding 2": (8, 8, 3, 5, 5, 1, 2),
+    "stride 2 padding 1 odd width (phases, taps)": (8, 7, 4, 6, 3, 2, 1),
+    "stride 2 SAME odd size": (7, 7, 4, 6, 3, 2, "SAME"),
+    "1x1 stride 2 (shortcut)": (8, 8, 4, 6, 1, 2, 0),
+    "stride 3": (9, 9, 2, 3, 3, 3, 1),
+}
+
+
+def _operands(case, dtype, seed=0):
+    """x, kernel (scaled by 1/sqrt(fan-in)) and an output cotangent g, from numpy's RNG."""
+    h, w, cin, cout, k, stride, padding = case
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((2, h, w, cin)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), dtype)
+    y_shape = jax.eval_shape(lambda x, kernel: conv2d(x, kernel, stride, padding), x, kernel)
+    g = jnp.asarray(rng.standard_normal(y_shape.shape), dtype)
+    return x, kernel, g
+
+
+def _value_and_vjp(case, impl):
+    stride, padding = case[5], case[6]
+
+    @jax.jit
+    def fn(x, kernel, g):
+        y, vjp = jax.vjp(lambda x, kernel: conv2d(x, kernel, stride, padding, impl), x, kernel)
+        return y, vjp(g)
+
+    return fn
+
+
+@pytest.mark.parametrize("impl", ["cpu", "cpu_paired"])
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_value_and_gradients_equal_xla_float64(case, impl):
+    operands = _operands(case, jnp.float64)
+    ours = _value_and_vjp(case, impl)(*operands)
+    xla = _value_and_vjp(case, "xla")(*operands)
+    assert ours[0].shape == xla[0].shape
+    assert tree_relative_error(ours, xla) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "impl, name",
+    [
+        ("cpu_paired", "12 channels SAME (cpu_paired pairs, conv dw)"),
+        ("cpu", "stride 2 padding 1 odd width (phases, taps)"),
+    ],
+)
+def test_value_and_gradients_equal_xla_float32(impl, name):
+    case = CASES[name]
+    operands = _operands(case, jnp.float32)
+    ours = _value_and_vjp(case, impl)(*operands)
+    xla = _value_and_vjp(case, "xla")(*operands)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(ours))
+    assert tree_relative_error(ours, xla) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["stem 3x3 (paired columns)", "stride 2 SAME odd size"])
+def test_gradients_match_finite_differences(name):
+    case = CASES[name]
+    x, kernel, _ = _operands(case, jnp.float64)
+    stride, padding = case[5], case[6]
+    fn = jax.jit(lambda x, kernel: jnp.tanh(conv2d(x, kernel, stride, padding, "cpu")))
+    check_grads(fn, (x, kernel), order=1, modes=("rev",))
+
+
+def test_second_order_reverse_mode_equals_xla():
+    """The gradient of a loss of the gradient (reverse over reverse), as training with a
+    gradient penalty or a Hessian-vector product would take it."""
+    case = CASES["stride 2 padding 1 odd width (phases, taps)"]
+    x, kernel, g = _operands(case, jnp.float64)
+    stride, padding = case[5], case[6]
+
+    def second(impl):
+        def loss(x, kernel):
+            return jnp.sum(jnp.tanh(conv2d(x, kernel, stride, padding, impl)) * g)
+
+        def penalty(x, kernel):
+            dx, dk = jax.grad(loss, argnums=(0, 1))(x, kernel)
+            return jnp.sum(dx**2) + jnp.sum(jnp.sin(dk))
+
+        return jax.jit(jax.grad(penalty, argnums=(0, 1)))(x, kernel)
+
+    assert tree_relative_error(second("cpu"), second("xla")) <= 1e-12
+
+
+def test_second_order_matches_finite_differences():
+    case = CASES["12 channels SAME (cpu_paired pairs, conv dw)"]
+    x, kernel, _ = _operands((4, 4, *case[2:]), jnp.float64)
+    fn = jax.jit(lambda x, kernel: jnp.tanh(conv2d(x, kernel, 1, "SAME", "cpu_paired")))
+    # the check's central differences err by ~2e3·eps² here (XLA's own conv alike)
+    check_grads(fn, (x[:1], kernel), order=2, modes=("rev",), eps=1e-5)
+
+
+def test_auto_is_the_cpu_formulation_on_cpu():
+    assert jax.default_backend() == "cpu"
+    x, kernel, _ = _operands(CASES["12 channels SAME (cpu_paired pairs, conv dw)"], jnp.float64)
+    jaxprs = {
+        impl: str(jax.make_jaxpr(lambda x, k, impl=impl: conv2d(x, k, 1, 1, impl))(x, kernel))
+        for impl in conv_lib.IMPLS
+    }
+    assert jaxprs["auto"] == jaxprs["cpu"] != jaxprs["cpu_paired"]
+    assert "custom_vjp_call" in jaxprs["cpu"] and "custom_vjp_call" not in jaxprs["xla"]
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, kwargs, message",
+    [
+        ((1, 8, 8, 3), (3, 3, 3, 4), {"impl": "cudnn"}, "impl='cudnn' is unknown"),
+        ((8, 8, 3), (3, 3, 3, 4), {}, r"x \(N, H, W, Cin\)"),
+        ((1, 8, 8, 3), (3, 3, 2, 4), {}, r"x has 3 channels.*\(kh, kw, 3, Cout\)"),
+        ((1, 8, 8, 3), (3, 3, 3, 4), {"stride": 0}, "stride=0 must be a positive int"),
+        ((1, 8, 8, 3), (3, 3, 3, 4), {"padding": "FULL"}, "padding='FULL' is unknown"),
+        ((1, 8, 8, 3), (3, 3, 3, 4), {"padding": -1}, "padding=-1 must be"),
+    ],
+)
+def test_bad_arguments_are_named(x_shape, kernel_shape, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        conv2d(np.zeros(x_shape), np.zeros(kernel_shape), **kwargs)
