@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from anodev2_jax import conv as conv_lib
+from anodev2_jax import data as data_lib
 from anodev2_jax import models, training
 
 BENCH_MODELS = ("resnet4", "resnet10", "alexnet")
@@ -157,6 +158,19 @@ class CompiledStep:
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
         self.flops = flops_of(self.compiled)
+
+    def loss_function(self) -> Callable[[Any], jax.Array]:
+        """params -> the train step's loss on this batch (normalized, not augmented), with
+        batch statistics in training mode, as in ``training.make_train_step``."""
+        state, model, labels = self.state, self.model, self.labels
+        inputs = data_lib.normalize(self.images).astype(jnp.dtype(self.config.dtype))
+
+        def loss(params: Any) -> jax.Array:
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, _ = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+            return jnp.mean(training.cross_entropy(logits, labels))
+
+        return loss
 
     def time_steps(self, steps: int, warmup: int) -> list[float]:
         """Seconds of each of ``steps`` train steps after ``warmup`` untimed ones."""
