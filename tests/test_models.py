@@ -7,11 +7,13 @@ shapes compile once; parameter counts use jax.eval_shape and compute nothing.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tree_allclose, tree_relative_error
+from jax.test_util import check_grads
 
 from anodev2_jax import MLP, RDA, Linear, Zero, models
 from anodev2_jax import conv as conv_lib
@@ -295,6 +297,46 @@ def test_evaluation_normalizes_with_the_running_statistics():
     out = block.apply(variables, z, train=False)
     out_ref, _ = reference_block(z, params, stats, 2, train=False)
     np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_training_batch_norm_gradient_is_autodiff_of_its_formula():
+    x = normal((4, 3, 5, 6), 0) * 2.0 + 1.0
+    scale, bias = normal((6,), 1), normal((6,), 2)
+
+    def autodiff(x, scale, bias):  # the plain formula, differentiated by JAX
+        moments = models.batch_moments(x)
+        inv = scale * jax.lax.rsqrt(moments["var"] + models.BN_EPSILON)
+        channels = lambda v: v.reshape(1, 1, 1, -1)
+        return (x - channels(moments["mean"])) * channels(inv) + channels(bias), moments
+
+    def loss(bn):
+        def fn(x, scale, bias):
+            y, moments = bn(x, scale, bias)
+            moment_terms = jnp.sum(moments["mean"] ** 3) + jnp.sum(moments["var"] ** 2)
+            return jnp.sum(jnp.sin(y)) + moment_terms
+
+        return fn
+
+    closed_form = lambda x, s, b: models.batch_norm(x, {"scale": s, "bias": b}, True)
+    args = (x, scale, bias)
+    assert tree_allclose(closed_form(*args), autodiff(*args), rtol=1e-14)
+    for order in (jax.grad, jax.hessian):
+        expected = order(loss(autodiff), (0, 1, 2))(*args)
+        assert tree_relative_error(order(loss(closed_form), (0, 1, 2))(*args), expected) < 1e-12
+    check_grads(loss(closed_form), args, order=2, modes=("rev",))
+
+
+def test_max_pool_equals_flax_max_pool_and_its_gradient_without_ties():
+    x = normal((2, 8, 8, 3), 3)
+    for size in (2, 4, 8):
+        flax_pool = lambda x: nn.max_pool(x, (size, size), strides=(size, size))  # noqa: B023
+        pool = functools.partial(models.max_pool, size=size)
+        np.testing.assert_array_equal(pool(x), flax_pool(x))
+        cotangent = normal(pool(x).shape, 4)
+        grads = [jax.vjp(p, x)[1](cotangent)[0] for p in (pool, flax_pool)]
+        np.testing.assert_array_equal(*grads)
+    with pytest.raises(ValueError, match="window 3 does not divide the input's 8x8"):
+        models.max_pool(x, 3)
 
 
 def test_fold_moments_averages_the_evaluations_then_applies_momentum_once():
