@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from anodev2_jax import training
+from anodev2_jax import host_malloc, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -47,6 +47,11 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
         logging.set_verbosity(logging.WARNING)
+    config = FLAGS.config
+    training.check_config(config)
+    # glibc reads its malloc settings at start-up: this restarts the process with them when
+    # config.cpu_malloc asks for them (on the CPU, by default) and they are not set yet.
+    host_malloc.restart_tuned(config.cpu_malloc)
     explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.distributed or any(value is not None for value in explicit):
         jax.distributed.initialize(
@@ -57,7 +62,6 @@ def main(argv):
             heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
             shutdown_timeout_seconds=FLAGS.shutdown_timeout_seconds,
         )
-    config = FLAGS.config
     workdir = FLAGS.workdir or f"runs/{config.model}-{config.variant}"
     training.train_and_evaluate(config, workdir)
 

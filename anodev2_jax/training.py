@@ -28,7 +28,7 @@ import tqdm
 from flax import struct
 
 from anodev2_jax import data as data_lib
-from anodev2_jax import models, parallel
+from anodev2_jax import host_malloc, models, parallel
 
 PyTree = Any
 
@@ -59,6 +59,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.data_source not in data_lib.SOURCES:
         raise ValueError(
             f"config.data_source={config.data_source!r} is unknown; use one of {data_lib.SOURCES}"
+        )
+    if config.cpu_malloc not in host_malloc.MODES:
+        raise ValueError(
+            f"config.cpu_malloc={config.cpu_malloc!r} is unknown; use one of {host_malloc.MODES}"
         )
     if config.dtype not in ("float32", "float64"):
         raise ValueError(f"config.dtype={config.dtype!r} must be 'float32' or 'float64'")

@@ -28,7 +28,7 @@ import numpy as np
 
 from anodev2_jax import conv as conv_lib
 from anodev2_jax import data as data_lib
-from anodev2_jax import models, training
+from anodev2_jax import host_malloc, models, training
 
 BENCH_MODELS = ("resnet4", "resnet10", "alexnet")
 BENCH_VARIANTS = ("baseline", "anode", "anodev2_conf1", "anodev2_conf2")
@@ -85,6 +85,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="comma-separated anodev2_jax.conv.IMPLS to compare; now: " + ",".join(conv_lib.IMPLS),
     )
     parser.add_argument("--batch_size", type=int, default=128)
+    add_cpu_malloc_arg(parser)
     parser.add_argument(
         "--torch_python",
         type=Path,
@@ -98,8 +99,24 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cpu_malloc_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu_malloc",
+        choices=host_malloc.MODES,
+        default="auto",
+        help="malloc settings of this process (anodev2_jax.host_malloc; train.py's default)",
+    )
+
+
+def tune_malloc(args: argparse.Namespace) -> None:
+    """Restart under host_malloc's GLIBC_TUNABLES when --cpu_malloc asks for them."""
+    host_malloc.restart_tuned(args.cpu_malloc)
+    args.cpu_malloc_tuned = host_malloc.is_tuned()
+
+
 def check_common_args(args: argparse.Namespace) -> None:
-    """ValueErrors for arguments argparse cannot check, before any compilation."""
+    """ValueErrors for arguments argparse cannot check, before any compilation; then the
+    malloc settings (a restart, see host_malloc)."""
     if args.batch_size < 1:
         raise ValueError(f"--batch_size={args.batch_size} must be a positive integer")
     if args.torch_python is not None:
@@ -110,6 +127,7 @@ def check_common_args(args: argparse.Namespace) -> None:
             )
         if not args.torch_ref.exists():
             raise ValueError(f"--torch_ref={args.torch_ref} does not exist; pass torch_ref.py")
+    tune_malloc(args)
 
 
 # -- the real training step ------------------------------------------------------------------------
@@ -295,7 +313,7 @@ def shell_line(command: Sequence[str]) -> str:
 
 
 # -- reporting -------------------------------------------------------------------------------------
-def environment(torch_python: Path | None) -> dict[str, Any]:
+def environment(torch_python: Path | None, cpu_malloc_tuned: bool) -> dict[str, Any]:
     """Date, command line, versions and machine of this run."""
     import jaxlib
 
@@ -311,6 +329,7 @@ def environment(torch_python: Path | None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "jax_process_glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "jax_process_malloc_tuned": cpu_malloc_tuned,
     }
     if torch_python is not None:
         env["torch"] = torch_version(torch_python)

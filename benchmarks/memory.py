@@ -435,7 +435,7 @@ def input_table(row: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    env = common.environment(args.torch_python)
+    env = common.environment(args.torch_python, args.cpu_malloc_tuned)
     common.emit(
         "## Run\n\n" + "\n".join(f"- {key}: `{value}`" for key, value in env.items()),
         args.markdown,

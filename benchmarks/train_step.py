@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         if saved.get("split"):
             common.emit(split_table(saved["split"], args), args.markdown)
         return
-    env = common.environment(args.torch_python)
+    env = common.environment(args.torch_python, args.cpu_malloc_tuned)
     settings = {
         name: getattr(args, name)
         for name in ("batch_size", "steps", "warmup", "repeats", "peak_n", "split_iters")

@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.method = config_dict.placeholder(str)
     config.gradient = config_dict.placeholder(str)
     config.conv_impl = "auto"  # a faster convolution on CPU, XLA's own elsewhere
+    # auto: keep freed host memory for reuse when JAX runs on the CPU (anodev2_jax.host_malloc)
+    config.cpu_malloc = "auto"
 
     # Data: auto = a prepared TFDS cifar10 if there is one, else the bundled JPEG copy.
     config.data_source = "auto"

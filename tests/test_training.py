@@ -119,6 +119,7 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         (dict(batch_size=128), "config.batch_size=128 exceeds the 96 training images"),
         (dict(lr_decay_epochs=(3, 1)), "must be increasing"),
         (dict(dtype="bfloat16"), "config.dtype='bfloat16'"),
+        (dict(cpu_malloc="fast"), "config.cpu_malloc='fast' is unknown"),
     ],
 )
 def test_config_errors_name_the_field_before_compiling(tmp_path, overrides, message):
