@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import time
@@ -70,6 +71,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--extra", action="store_true", help="also time the losing formulations")
     parser.add_argument("--step", action="store_true", help="also time the ResNet-like step")
+    common.add_cpu_malloc_arg(parser)
+    parser.add_argument(
+        "--torch_python",
+        type=Path,
+        default=None,
+        help="python of a venv with torch: time the same passes in PyTorch (torch_conv.py)",
+    )
     parser.add_argument("--step_reps", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -263,6 +271,20 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
+def add_torch_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """row["torch_ms"]: torch_conv.py's time of the row's pass (dw+bn: its dw)."""
+    shapes = [[name, *SHAPES[name]] for name in args.shapes]
+    command = [
+        str(args.torch_python),
+        str(Path(__file__).with_name("torch_conv.py")),
+        *("--batch", str(args.batch), "--reps", str(args.reps), "--warmup", str(args.warmup)),
+        *("--shapes", json.dumps(shapes)),
+    ]
+    torch_ms = {r["shape"]: r["ms"] for r in common.run_torch(command)}
+    for row in rows:
+        row["torch_ms"] = torch_ms[row["shape"]][row["pass"].removesuffix("+bn")]
+
+
 def shape_label(name: str) -> str:
     size, cin, cout, k, stride, padding = SHAPES[name]
     return f"{name}: {cin}→{cout} {k}×{k}/{stride} p{padding} at {size}×{size}"
@@ -270,6 +292,7 @@ def shape_label(name: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     formulations = [f for f in FORMULATIONS if any(f in row["ms"] for row in rows)]
+    with_torch = all("torch_ms" in row for row in rows)
     body = []
     for row in rows:
         ms, err = row["ms"], row["err"]
@@ -278,6 +301,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = ms["xla"] / ms["cpu"]
         worst = max(err.values())
         flag = "" if row["ok"] else " (!)"
+        torch_cells = []
+        if with_torch:
+            torch_ms = row["torch_ms"]
+            torch_cells = [common.fmt(torch_ms, 2), common.fmt(ms["cpu"] / torch_ms, 2)]
         body.append(
             [
                 shape_label(row["shape"]),
@@ -285,10 +312,14 @@ def table(rows: list[dict[str, Any]]) -> str:
                 *cells,
                 common.fmt(ratio, 2),
                 best,
+                *torch_cells,
                 f"{worst:.0e}{flag}",
             ]
         )
-    headers = ["conv", "pass", *(f"{f} ms" for f in formulations), "xla ÷ cpu", "fastest", "err"]
+    headers = ["conv", "pass", *(f"{f} ms" for f in formulations), "xla ÷ cpu", "fastest"]
+    if with_torch:
+        headers += ["torch ms", "cpu ÷ torch (time)"]
+    headers.append("err")
     return common.markdown_table(headers, body, left=2)
 
 
@@ -299,11 +330,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--reps={args.reps}, --step_reps={args.step_reps} and --warmup={args.warmup}: "
             "use reps ≥ 1 and warmup ≥ 0"
         )
-    env = common.environment(None)
+    if args.torch_python is not None and not args.torch_python.exists():
+        raise ValueError(f"--torch_python={args.torch_python} does not exist")
+    common.tune_malloc(args)
+    env = common.environment(args.torch_python, args.cpu_malloc_tuned)
     rows: list[dict[str, Any]] = []
     for name in args.shapes:
         rows += time_shape(name, args)
         print(f"{shape_label(name)}: done", flush=True)
+    if args.torch_python is not None:
+        add_torch_times(rows, args)
     common.emit(
         f"Batch {args.batch}, float32, median of {args.reps} (ms)\n\n" + table(rows), args.markdown
     )
