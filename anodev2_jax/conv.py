@@ -7,12 +7,15 @@ convolution to YNNPACK (one thread, as measured here) when it has more than 16 c
 out, and to Eigen (all threads) otherwise. ``benchmarks/conv_microbench.py`` times each
 formulation; the choices are:
 
-- kernel gradient, stride 1: the convolution of x with g over the batch, as XLA writes it
-  (x as (Cin, H, W, N), g as (Ho, Wo, N, Cout), run by YNNPACK), behind a conditional.
-  XLA:CPU otherwise fuses the producers of x and g (BatchNorm, ReLU, their backward) into
-  those two transposes, which then read their inputs with a stride of H·W·C;
-  ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusion), a
-  conditional does.
+- kernel gradient, stride 1: a C++ kernel (``csrc/kernel_grad.cc``, an XLA FFI call built
+  on first use by :mod:`anodev2_jax.native`) that accumulates register tiles over image rows
+  on the call's thread and XLA's pool: 1.8 ms for 16→16 3×3 at 32×32, batch 128, where XLA
+  takes 8.6 (BENCHMARKS.md). XLA runs the same as a convolution of x with g over the batch on
+  one YNNPACK thread, behind transposes to (Cin, H, W, N) and (Ho, Wo, N, Cout); without a C++
+  compiler that is the fallback, behind a conditional: XLA:CPU otherwise fuses the producers
+  of x and g (BatchNorm, ReLU, their backward) into those transposes, which then read their
+  inputs with a stride of H·W·C; ``lax.optimization_barrier`` does not stop it (XLA:CPU
+  removes barriers before fusion), a conditional does.
 - kernel gradient, stride > 1 or a 1×1 kernel: one (Cin, N·Ho·Wo) @ (N·Ho·Wo, Cout) matmul
   per tap of a strided slice of the padded x, where XLA's window convolution is slower.
 - input gradient: one stride-1 convolution of g that writes the stride² phases of dx as
@@ -45,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from anodev2_jax import native
 
 IMPLS = ("xla", "cpu", "cpu_paired", "auto")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -176,7 +181,10 @@ def _conv_cpu_bwd(
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
     dx = input_grad(g, w, x.shape, stride, pads, paired)
-    dw = _materialized(lambda x, g: kernel_grad(x, g, w.shape, stride, pads), x, g)
+    if stride == 1 and w.shape[0] * w.shape[1] > 1 and _native_applies(x):
+        dw = _kernel_grad_native(x, g, w.shape, pads)
+    else:
+        dw = _materialized(lambda x, g: kernel_grad(x, g, w.shape, stride, pads), x, g)
     return dx, dw
 
 
@@ -204,6 +212,39 @@ def kernel_grad(
     if stride == 1 and kh * kw > 1:
         return kernel_grad_conv(x, g, kernel_shape, pads)
     return kernel_grad_taps(x, g, kernel_shape, stride, pads)
+
+
+def _native_applies(x: jax.Array) -> bool:
+    return x.dtype in _YNN_DTYPES and jax.default_backend() == "cpu" and native.available()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _kernel_grad_native(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], pads: Pads
+) -> jax.Array:
+    """The stride-1 kernel gradient by the C++ kernel (anodev2_jax.native), differentiable:
+    its own gradient is that of :func:`kernel_grad_conv`, the same linear map."""
+    return native.kernel_grad(x, g, (kernel_shape[0], kernel_shape[1]), (pads[0][0], pads[1][0]))
+
+
+def _kernel_grad_native_fwd(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], pads: Pads
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _kernel_grad_native(x, g, kernel_shape, pads), (x, g)
+
+
+def _kernel_grad_native_bwd(
+    kernel_shape: tuple[int, ...],
+    pads: Pads,
+    residuals: tuple[jax.Array, jax.Array],
+    cotangent: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    _, vjp = jax.vjp(lambda x, g: kernel_grad_conv(x, g, kernel_shape, pads), *residuals)
+    dx, dg = vjp(cotangent)
+    return dx, dg
+
+
+_kernel_grad_native.defvjp(_kernel_grad_native_fwd, _kernel_grad_native_bwd)
 
 
 def kernel_grad_conv(

@@ -9,6 +9,7 @@ from conftest import tree_relative_error
 from jax.test_util import check_grads
 
 from anodev2_jax import conv as conv_lib
+from anodev2_jax import native
 from anodev2_jax.conv import conv2d
 
 # (H, W, Cin, Cout, kernel, stride, padding): each reaches a different formulation
@@ -22,6 +23,7 @@ CASES = {
     "stride 2 SAME odd size": (7, 7, 4, 6, 3, 2, "SAME"),
     "1x1 stride 2 (shortcut)": (8, 8, 4, 6, 1, 2, 0),
     "stride 3": (9, 9, 2, 3, 3, 3, 1),
+    "32 channels, 16-wide tiles and a 5-column rest (native dw)": (5, 6, 37, 21, 3, 1, 1),
 }
 
 
@@ -82,10 +84,11 @@ def test_gradients_match_finite_differences(name):
     check_grads(fn, (x, kernel), order=1, modes=("rev",))
 
 
-def test_second_order_reverse_mode_equals_xla():
+@pytest.mark.parametrize("name", ["stride 2 padding 1 odd width (phases, taps)", "5x5 padding 2"])
+def test_second_order_reverse_mode_equals_xla(name):
     """The gradient of a loss of the gradient (reverse over reverse), as training with a
     gradient penalty or a Hessian-vector product would take it."""
-    case = CASES["stride 2 padding 1 odd width (phases, taps)"]
+    case = CASES[name]
     x, kernel, g = _operands(case, jnp.float64)
     stride, padding = case[5], case[6]
 
@@ -135,3 +138,42 @@ def test_auto_is_the_cpu_formulation_on_cpu():
 def test_bad_arguments_are_named(x_shape, kernel_shape, kwargs, message):
     with pytest.raises(ValueError, match=message):
         conv2d(np.zeros(x_shape), np.zeros(kernel_shape), **kwargs)
+
+
+# -- the C++ kernel gradient -----------------------------------------------------------------------
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's dw")
+@pytest.mark.parametrize(
+    "shape, pads",
+    [
+        ((3, 9, 7, 16, 16, 3), (1, 1)),  # 16x16 tiles (ResNet blocks)
+        ((2, 6, 5, 37, 21, 3), (1, 1)),  # tiles and scalar rests
+        ((2, 8, 8, 64, 64, 5), (2, 2)),  # AlexNet's block
+        ((2, 7, 6, 3, 16, 3), (0, 2)),  # the stem's 3 channels; asymmetric, pad after the image
+    ],
+)
+def test_native_kernel_grad_equals_xla(shape, pads):
+    n, h, w, cin, cout, k = shape
+    conv_pads = ((pads[0], k - 1 - pads[0]), (pads[1], 1))
+    for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
+        out_w = w + pads[1] + 1 - k + 1
+        g = jnp.asarray(rng.standard_normal((n, h, out_w, cout)), dtype)
+        expected = conv_lib.kernel_grad_conv(x, g, (k, k, cin, cout), conv_pads)
+        got = jax.jit(native.kernel_grad, static_argnums=(2, 3))(x, g, (k, k), pads)
+        assert got.dtype == dtype
+        assert tree_relative_error(got, expected) <= tolerance
+
+
+def test_without_a_compiler_conv2d_warns_once_and_uses_xla(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+
+    monkeypatch.setattr(native, "_available", None)
+    monkeypatch.setattr(native, "_build", no_compiler)
+    case = CASES["5x5 padding 2"]
+    operands = _operands(case, jnp.float64)
+    with pytest.warns(RuntimeWarning, match="could not be built .no C.. compiler found"):
+        ours = _value_and_vjp(case, "cpu")(*operands)
+    assert native._available is False
+    assert tree_relative_error(ours, _value_and_vjp(case, "xla")(*operands)) <= 1e-12
