@@ -12,9 +12,13 @@ glibc reads these settings once, at process start, from the ``GLIBC_TUNABLES`` e
 variable (``mallopt`` at run time comes too late for arenas that threads already hold).
 :func:`restart_tuned` therefore re-executes the running program with them, first thing in
 ``train.py`` and the benchmarks; in a notebook, start Jupyter with
-``GLIBC_TUNABLES=`` :func:`tunables_value`. The cost: memory the process frees is kept for
-reuse rather than returned to the system. Accelerators keep their buffers in device memory,
-so ``"auto"`` tunes only when JAX will run on the CPU.
+``GLIBC_TUNABLES=`` :func:`tunables_value`. Accelerators keep their buffers in device
+memory, so ``"auto"`` tunes only when JAX will run on the CPU.
+
+The cost is resident memory: freed blocks stay in one heap, which fragments, so the process
+holds 1.5-1.7x the memory it would otherwise (ResNet-4 anodev2_conf1: 1,371 vs 888 MiB; ResNet-10:
+1.6-1.9 vs 1.1 GiB), growing in steps over the first hundreds of training steps
+(BENCHMARKS.md). Set ``config.cpu_malloc="default"`` where memory is tighter than time.
 """
 
 from __future__ import annotations

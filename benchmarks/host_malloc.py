@@ -6,7 +6,8 @@
 For each model × variant, one child process per setting (``--cpu_malloc default``: glibc as
 it comes; ``tuned``), alternated ``--repeats`` times, each compiling the real training step
 and timing ``--steps`` steps after ``--warmup``. Per step: the median wall time, and from
-``getrusage`` over the timed steps the minor page faults and the user and kernel CPU seconds.
+``getrusage`` over the timed steps the minor page faults and the user and kernel CPU seconds;
+the resident memory at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import resource
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from benchmarks import common
@@ -55,6 +57,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "user_s_per_step": (after.ru_utime - before.ru_utime) / args.steps,
         "system_s_per_step": (after.ru_stime - before.ru_stime) / args.steps,
         "tuned": args.cpu_malloc_tuned,
+        "rss_mib": int(Path("/proc/self/statm").read_text().split()[1])
+        * os.sysconf("SC_PAGE_SIZE")
+        / 2**20,
     }
 
 
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             *(common.fmt(row[m]["faults_per_step"], 0) for m in ("default", "tuned")),
             *(common.fmt(1e3 * row[m]["system_s_per_step"], 0) for m in ("default", "tuned")),
             *(common.fmt(1e3 * row[m]["user_s_per_step"], 0) for m in ("default", "tuned")),
+            *(common.fmt(row[m]["rss_mib"], 0) for m in ("default", "tuned")),
         ]
         for row in rows
     ]
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         "kernel CPU ms / step, default",
         "tuned",
         "user CPU ms / step, default",
+        "tuned",
+        "RSS MiB at the end, default",
         "tuned",
     ]
     common.emit(

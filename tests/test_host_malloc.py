@@ -10,10 +10,10 @@ import pytest
 from anodev2_jax import host_malloc
 
 # A jitted program whose temporary buffer (~200 MiB) is far above glibc's 64 MiB arena limit;
-# prints whether it ran tuned and the minor page faults per call after warm-up.
+# prints whether it ran tuned and the median of the minor page faults of 10 calls after 10.
 FAULTS_PER_CALL = textwrap.dedent(
     """
-    import resource, sys
+    import resource, statistics, sys
     from anodev2_jax import host_malloc
     host_malloc.restart_tuned(sys.argv[1])
     import jax, jax.numpy as jnp
@@ -25,12 +25,12 @@ FAULTS_PER_CALL = textwrap.dedent(
         return x.sum()
 
     x = jnp.ones((25_000_000,), jnp.float32)
-    for _ in range(30):  # the heap settles at its steady size within tens of calls
+    faults = []
+    for _ in range(20):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        f(x).block_until_ready()
-    print(host_malloc.is_tuned(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(host_malloc.is_tuned(), statistics.median(faults[10:]))
     """
 )
 
@@ -51,7 +51,8 @@ def test_tuned_malloc_removes_the_page_faults_of_each_call():
     tuned, tuned_faults = faults_per_call("tuned")
     untuned, default_faults = faults_per_call("default")
     assert tuned and not untuned
-    # untuned: each call maps its temporary buffer afresh (~200 MiB / 4 KiB pages)
+    # untuned: each call maps its temporary buffer afresh (~200 MiB / 4 KiB pages); tuned, the
+    # heap still grows now and then while it settles, hence the median
     assert default_faults > 20_000
     assert tuned_faults < 0.01 * default_faults
 
