@@ -181,7 +181,7 @@ def _conv_cpu_bwd(
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
     dx = input_grad(g, w, x.shape, stride, pads, paired)
-    if stride == 1 and w.shape[0] * w.shape[1] > 1 and _native_applies(x):
+    if stride == 1 and w.shape[0] * w.shape[1] > 1 and _native_applies(x, w.shape):
         dw = _kernel_grad_native(x, g, w.shape, pads)
     else:
         dw = _materialized(lambda x, g: kernel_grad(x, g, w.shape, stride, pads), x, g)
@@ -214,8 +214,17 @@ def kernel_grad(
     return kernel_grad_taps(x, g, kernel_shape, stride, pads)
 
 
-def _native_applies(x: jax.Array) -> bool:
-    return x.dtype in _YNN_DTYPES and jax.default_backend() == "cpu" and native.available()
+def _native_applies(x: jax.Array, kernel_shape: tuple[int, ...]) -> bool:
+    """Whether the C++ kernel gradient runs: CPU, float32/64, and at least one full register
+    tile (16 input channels, one vector of outputs); XLA is faster on the 3-channel stems."""
+    lanes = 64 // x.dtype.itemsize
+    return (
+        x.dtype in _YNN_DTYPES
+        and kernel_shape[2] >= 16
+        and kernel_shape[3] >= lanes
+        and jax.default_backend() == "cpu"
+        and native.available()
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -171,7 +171,7 @@ def test_without_a_compiler_conv2d_warns_once_and_uses_xla(monkeypatch):
 
     monkeypatch.setattr(native, "_available", None)
     monkeypatch.setattr(native, "_build", no_compiler)
-    case = CASES["5x5 padding 2"]
+    case = CASES["32 channels, 16-wide tiles and a 5-column rest (native dw)"]
     operands = _operands(case, jnp.float64)
     with pytest.warns(RuntimeWarning, match="could not be built .no C.. compiler found"):
         ours = _value_and_vjp(case, "cpu")(*operands)
