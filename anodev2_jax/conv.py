@@ -9,13 +9,15 @@ formulation; the choices are:
 
 - kernel gradient, stride 1: a C++ kernel (``csrc/kernel_grad.cc``, an XLA FFI call built
   on first use by :mod:`anodev2_jax.native`) that accumulates register tiles over image rows
-  on the call's thread and XLA's pool: 1.8 ms for 16→16 3×3 at 32×32, batch 128, where XLA
-  takes 8.6 (BENCHMARKS.md). XLA runs the same as a convolution of x with g over the batch on
-  one YNNPACK thread, behind transposes to (Cin, H, W, N) and (Ho, Wo, N, Cout); without a C++
-  compiler that is the fallback, behind a conditional: XLA:CPU otherwise fuses the producers
-  of x and g (BatchNorm, ReLU, their backward) into those transposes, which then read their
-  inputs with a stride of H·W·C; ``lax.optimization_barrier`` does not stop it (XLA:CPU
-  removes barriers before fusion), a conditional does.
+  on the call's thread and XLA's pool: 2.2-4.1 ms for 16→16 3×3 at 32×32, batch 128, where
+  XLA takes 7.6 and torch 2.4-3.6 (BENCHMARKS.md); used from 16 input channels and one vector
+  of outputs (XLA's is faster on the 3-channel stems). XLA runs the same as a convolution
+  of x with g over the batch on one YNNPACK thread, behind transposes to (Cin, H, W, N) and
+  (Ho, Wo, N, Cout); that is the fallback (and the stems' choice), behind a conditional:
+  XLA:CPU otherwise fuses the producers of x and g (BatchNorm, ReLU, their backward) into
+  those transposes, which then read their inputs with a stride of H·W·C;
+  ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusion), a
+  conditional does.
 - kernel gradient, stride > 1 or a 1×1 kernel: one (Cin, N·Ho·Wo) @ (N·Ho·Wo, Cout) matmul
   per tap of a strided slice of the padded x, where XLA's window convolution is slower.
 - input gradient: one stride-1 convolution of g that writes the stride² phases of dx as

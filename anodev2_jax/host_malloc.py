@@ -4,7 +4,7 @@ XLA:CPU allocates a compiled program's temporary buffer (274 MiB for a ResNet-4
 anodev2_conf1 training step at batch 128) with ``posix_memalign``, from one of glibc's
 per-thread arenas. An arena cannot hold a block above 64 MiB, so glibc maps a fresh one with
 ``mmap`` on every call and unmaps it afterwards: each step touches every page anew, about
-70,000 minor page faults and 0.12 s of kernel time per step on that model (BENCHMARKS.md).
+70,000 minor page faults and 0.14 s of kernel time per step on that model (BENCHMARKS.md).
 With a single arena, no ``mmap`` and no trimming (:data:`TUNABLES`), freed blocks stay in
 the heap and the next step reuses them, without page faults.
 
@@ -16,9 +16,9 @@ variable (``mallopt`` at run time comes too late for arenas that threads already
 memory, so ``"auto"`` tunes only when JAX will run on the CPU.
 
 The cost is resident memory: freed blocks stay in one heap, which fragments, so the process
-holds 1.5-1.7x the memory it would otherwise (ResNet-4 anodev2_conf1: 1,371 vs 888 MiB; ResNet-10:
-1.6-1.9 vs 1.1 GiB), growing in steps over the first hundreds of training steps
-(BENCHMARKS.md). Set ``config.cpu_malloc="default"`` where memory is tighter than time.
+holds 1.2-1.6x the memory it would otherwise (ResNet-4 anodev2_conf1: 1,389 vs 863 MiB),
+growing in steps over the first hundreds of training steps (BENCHMARKS.md, section 2). Set
+``config.cpu_malloc="default"`` where memory is tighter than time.
 """
 
 from __future__ import annotations
