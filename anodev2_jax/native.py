@@ -96,7 +96,7 @@ def _build() -> Path:
                 " ".join(flags).encode(),
                 jaxlib.__version__.encode(),
                 platform.machine().encode(),
-                _cpu_model().encode(),
+                cpu_model().encode(),
             ]
         )
     ).hexdigest()[:16]
@@ -117,7 +117,7 @@ def _build() -> Path:
     return library
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU model (-march=native code is specific to it); empty where unknown."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

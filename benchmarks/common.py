@@ -28,7 +28,7 @@ import numpy as np
 
 from anodev2_jax import conv as conv_lib
 from anodev2_jax import data as data_lib
-from anodev2_jax import host_malloc, models, training
+from anodev2_jax import host_malloc, models, native, training
 
 BENCH_MODELS = ("resnet4", "resnet10", "alexnet")
 BENCH_VARIANTS = ("baseline", "anode", "anodev2_conf1", "anodev2_conf2")
@@ -325,7 +325,7 @@ def environment(torch_python: Path | None, cpu_malloc_tuned: bool) -> dict[str, 
         "numpy": np.__version__,
         "python": platform.python_version(),
         "devices": [str(d) for d in jax.devices()],
-        "cpu": _cpu_model(),
+        "cpu": native.cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "jax_process_glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -341,16 +341,6 @@ def _module_name() -> str:
     main = sys.modules["__main__"]
     spec = getattr(main, "__spec__", None)
     return spec.name if spec is not None else sys.argv[0]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 2) -> str:
