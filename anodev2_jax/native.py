@@ -2,10 +2,10 @@
 
 Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) against the
 FFI headers that ship with jaxlib, cached under ``$ANODEV2_CACHE`` (default
-``~/.cache/anodev2_jax``) by a hash of the source, compiler, flags and jaxlib version, and
-registered with XLA for the CPU platform. :func:`available` says whether that worked; when it
-did not (no compiler, not Linux/macOS), ``conv2d(impl="cpu")`` falls back to XLA's own
-formulation and says why once, as a warning.
+``~/.cache/anodev2_jax``) by a hash of the source, compiler, flags, jaxlib version and CPU
+model (``-march=native``), and registered with XLA for the CPU platform. :func:`available`
+says whether that worked; when it did not (no compiler, not Linux/macOS),
+``conv2d(impl="cpu")`` falls back to XLA's own formulation and says why once, as a warning.
 """
 
 from __future__ import annotations
