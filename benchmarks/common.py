@@ -288,6 +288,28 @@ def torch_command(torch_python: Path, torch_ref: Path, *args: str) -> list[str]:
     return [str(torch_python), str(torch_ref), *args]
 
 
+def torch_bench_command(
+    args: argparse.Namespace, model: str, variant: str, iters: int
+) -> list[str]:
+    """``torch_ref.py bench --json`` of our ``variant`` (its name and flags there)."""
+    name, *flags = TORCH_VARIANTS[variant]
+    return torch_command(
+        args.torch_python,
+        args.torch_ref,
+        "bench",
+        "--model",
+        model,
+        "--variant",
+        name,
+        *flags,
+        "--batch",
+        str(args.batch_size),
+        "--iters",
+        str(iters),
+        "--json",
+    )
+
+
 def run_torch(command: list[str]) -> list[dict[str, Any]]:
     """Run torch_ref.py with the recommended GLIBC_TUNABLES; its JSON lines, parsed."""
     env = {**os.environ, "GLIBC_TUNABLES": TORCH_GLIBC_TUNABLES}

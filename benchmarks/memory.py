@@ -302,20 +302,7 @@ def rda_row(model: str, conv_impl: str, args: argparse.Namespace) -> dict[str, A
         "flop_share": rda_flops / step.flops,
     }
     if args.torch_python is not None:
-        command = common.torch_command(
-            args.torch_python,
-            args.torch_ref,
-            "bench",
-            "--model",
-            model,
-            "--variant",
-            "anodev2_c2",
-            "--batch",
-            str(args.batch_size),
-            "--iters",
-            str(args.rda_steps),
-            "--json",
-        )
+        command = common.torch_bench_command(args, model, "anodev2_conf2", args.rda_steps)
         (torch,) = common.run_torch(command)
         row.update(
             torch_step_s=torch["step_s_median"],

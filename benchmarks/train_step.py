@@ -81,22 +81,7 @@ def jax_round(step: common.CompiledStep, args: argparse.Namespace) -> dict[str, 
 
 def torch_round(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """One ``torch_ref.py bench`` subprocess (its own warm-up of 3 and ``--steps`` iters)."""
-    name, *flags = common.TORCH_VARIANTS[variant]
-    command = common.torch_command(
-        args.torch_python,
-        args.torch_ref,
-        "bench",
-        "--model",
-        model,
-        "--variant",
-        name,
-        *flags,
-        "--batch",
-        str(args.batch_size),
-        "--iters",
-        str(args.steps),
-        "--json",
-    )
+    command = common.torch_bench_command(args, model, variant, args.steps)
     load = os.getloadavg()[0]
     (row,) = common.run_torch(command)
     # ru_maxrss survives fork+exec on Linux: the child reports this (larger) process's peak.
