@@ -40,7 +40,13 @@ import numpy as np
 
 from anodev2_jax import evolution as evolution_lib
 from anodev2_jax import stepping
-from anodev2_jax.solve import check_inputs, make_plan, split_float_leaves, weight_trajectory
+from anodev2_jax.solve import (
+    check_inputs,
+    indexed_field,
+    make_plan,
+    split_float_leaves,
+    weight_trajectory,
+)
 
 PyTree = Any
 
@@ -86,16 +92,17 @@ def _recording(
     field: Callable[..., PyTree],
     theta: PyTree,
     phi: list[Any],
+    index: int,
     states: list[PyTree],
     vjps: list[Callable[..., Any]],
 ) -> Callable[[PyTree], PyTree]:
-    """The stage field y -> f(y, θ, φ) that appends y and the VJP of this evaluation."""
+    """The stage field y -> f(y, θ, φ, index) that appends y and the VJP of this evaluation."""
 
     def stage(y: PyTree) -> PyTree:
-        k, vjp = jax.vjp(field, y, theta, phi)
+        rate, vjp = jax.vjp(lambda y, theta, phi: field(y, theta, phi, index), y, theta, phi)
         states.append(y)
         vjps.append(vjp)
-        return k
+        return rate
 
     return stage
 
@@ -114,6 +121,7 @@ def kkt_gradients(
     schedule: str | Sequence[int] = "conf1",
     method: str = "euler",
     has_aux: bool = False,
+    indexed: bool = False,
 ) -> KKTResult:
     """∂J/∂(z0, w0, p, φ) of the coupled solve by the discrete KKT recursion (eq. 2.5a-e).
 
@@ -128,13 +136,15 @@ def kkt_gradients(
       p: parameters of the evolution (None for Zero).
       args: the static parameters φ of f; its float leaves are differentiated.
       ct_z1: a_Nz = ∂J/∂z_Nz, shaped like z0.
-      evolution, num_z_steps, num_w_steps, schedule, method: as in ``coupled_solve``.
+      evolution, num_z_steps, num_w_steps, schedule, method, indexed: as in
+        ``coupled_solve``.
 
     Returns:
       A :class:`KKTResult`: the four gradients and the trajectories a_n, g, b_m, z_n, w_m.
     """
     evolution = evolution_lib.RDA() if evolution is None else evolution
     plan = make_plan(num_z_steps, num_w_steps, schedule, method)
+    f = indexed_field(f, indexed)
     check_inputs(f, z0, w0, p, args, evolution, has_aux)
     shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), z0)
     ct_shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), ct_z1)
@@ -146,8 +156,8 @@ def kkt_gradients(
     # Only float leaves of args are differentiated (as in coupled_solve); the rest are fixed.
     phi, with_phi = split_float_leaves(args)
 
-    def field(z: PyTree, theta: PyTree, phi: list[Any]) -> PyTree:
-        out = f(z, theta, with_phi(phi))
+    def field(z: PyTree, theta: PyTree, phi: list[Any], k: int) -> PyTree:
+        out = f(z, theta, with_phi(phi), k)
         return out[0] if has_aux else out
 
     # Forward: the weights as coupled_solve computes them, and the z-steps through the same
@@ -158,16 +168,19 @@ def kkt_gradients(
     zs = [z0]
     stage_z: list[tuple[PyTree, ...]] = []
     stage_vjps: list[list[Callable[..., Any]]] = []
-    for row in plan.stage_indices:
+    num_stages = len(tableau.b)
+    for n, row in enumerate(plan.stage_indices):
         states: list[PyTree] = []
         vjps: list[Callable[..., Any]] = []
-        fields = [_recording(field, ws[m], phi, states, vjps) for m in row]
+        fields = [
+            _recording(field, ws[m], phi, n * num_stages + i, states, vjps)
+            for i, m in enumerate(row)
+        ]
         zs.append(stepping.rk_step(fields, zs[-1], h, tableau))
         stage_z.append(tuple(states))
         stage_vjps.append(vjps)
 
     # Backward over the z-steps: a_n (2.5a), γ per stage (2.5b), ∂J/∂φ.
-    num_stages = len(tableau.b)
     a = [ct_z1]
     g: list[tuple[PyTree, ...]] = []
     gamma = [_zeros(w) for w in ws]  # Σ of the g's applied at each weight index m

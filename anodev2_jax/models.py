@@ -7,10 +7,12 @@ the plain block (the baseline), otherwise the coupled solve of SPEC §1-2 on [0,
 
 The vector fields f are pure functions (``resnet_field``, ``alexnet_field``); a block passes
 them its kernels as w, the evolution parameters as p and its BatchNorm scale/offset (and
-AlexNet's conv bias) as args. One BatchNorm is shared by all of a block's f evaluations, as in
-ANODE. In training it normalizes with the batch statistics of each evaluation; the running
-statistics are updated once per call from the Nz·stages evaluations of the forward pass (see
-:func:`fold_moments`); in evaluation it uses the running statistics.
+AlexNet's conv bias) as args. In training each of a block's E = Nz·stages f evaluations is
+normalized with its own batch moments, and each keeps its own running mean and variance
+(batch_stats of shape (E, C), updated once per call from the forward pass); in evaluation,
+evaluation k uses row k (SPEC §5, :mod:`anodev2_jax.normalization`). Scale and offset are
+shared by the evaluations (as in ANODE) or, with ``norm_params="per_evaluation"``, one per
+evaluation.
 
 Parameter counting (SPEC §5): BatchNorm scale and offset count, running statistics do not;
 AlexNet's convs and every fc layer have biases, the ResNets' convs have none.
@@ -31,8 +33,10 @@ import numpy as np
 
 from anodev2_jax import conv as conv_lib
 from anodev2_jax import evolution as evolution_lib
+from anodev2_jax import normalization as norm_lib
 from anodev2_jax import solve as solve_lib
 from anodev2_jax.conv import conv2d
+from anodev2_jax.normalization import batch_norm, channels
 
 PyTree = Any
 Array = jax.Array
@@ -41,10 +45,6 @@ MODELS = ("alexnet", "resnet4", "resnet10")
 VARIANTS = ("baseline", "node", "anode", "anodev2_conf1", "anodev2_conf2")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
-# Flax convention: running = momentum·running + (1 - momentum)·batch (PyTorch's momentum 0.1).
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
-
 # He-normal over fan_out (kh·kw·cout), as torch_ref.py initialises the blocks' convs.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -54,8 +54,10 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 class ODEConfig:
     """How an ODE block solves z and w on [0, 1] (the arguments of ``coupled_solve``).
 
-    ``num_w_steps=None`` means Nw = Nz. Validated on construction (``make_plan``), so a bad
-    combination fails before any tracing.
+    ``num_w_steps=None`` means Nw = Nz. ``norm_params``: "shared" (one BatchNorm scale and
+    offset for all of a block's f evaluations) or "per_evaluation" (one per evaluation);
+    the running statistics are per evaluation either way. Validated on construction
+    (``make_plan``), so a bad combination fails before any tracing.
     """
 
     num_z_steps: int = 2
@@ -64,10 +66,15 @@ class ODEConfig:
     method: str = "euler"
     gradient: str = "dto"
     evolution: evolution_lib.Evolution = dataclasses.field(default_factory=evolution_lib.Zero)
+    norm_params: str = "shared"
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, str):
             object.__setattr__(self, "schedule", tuple(self.schedule))
+        if self.norm_params not in norm_lib.NORM_PARAMS:
+            raise ValueError(
+                f"norm_params={self.norm_params!r} is unknown; use one of {norm_lib.NORM_PARAMS}"
+            )
         if self.gradient not in solve_lib.GRADIENTS:
             raise ValueError(
                 f"gradient={self.gradient!r} is unknown; use one of {solve_lib.GRADIENTS}"
@@ -101,77 +108,7 @@ def variant_config(variant: str) -> ODEConfig | None:
     raise ValueError(f"variant={variant!r} is unknown; use one of {VARIANTS}")
 
 
-# -- BatchNorm as pure functions -------------------------------------------------------------------
-def _channels(v: Array) -> Array:
-    """(C,) -> (1, 1, 1, C), broadcastable against NHWC activations."""
-    return v.reshape(1, 1, 1, -1)
-
-
-def batch_moments(x: Array) -> dict[str, Array]:
-    """Per-channel mean and (biased) variance of x (N, H, W, C) -> {"mean", "var"}: (C,)."""
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(x - _channels(mean)), axis=(0, 1, 2))
-    return {"mean": mean, "var": var}
-
-
-def batch_norm(
-    x: Array, norm: dict[str, Array], train: bool, epsilon: float = BN_EPSILON
-) -> tuple[Array, dict[str, Array]]:
-    """BatchNorm of x (N, H, W, C) and the moments it used.
-
-    ``norm``: {"scale", "bias"} (C,) and, for ``train=False``, the running {"mean", "var"}.
-    Training normalizes with the batch's own moments (and differentiates through them).
-    """
-    if train:
-        return _batch_norm_train(x, norm["scale"], norm["bias"], epsilon)
-    moments = {"mean": norm["mean"], "var": norm["var"]}
-    inv = norm["scale"] * jax.lax.rsqrt(moments["var"] + epsilon)
-    y = (x - _channels(moments["mean"])) * _channels(inv) + _channels(norm["bias"])
-    return y, moments
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_train(
-    x: Array, scale: Array, bias: Array, epsilon: float
-) -> tuple[Array, dict[str, Array]]:
-    """Training-mode BatchNorm and its batch moments, with the gradient in closed form.
-
-    The closed form reads and writes x-sized arrays fewer times than autodiff through the
-    mean, the variance and the normalization (on XLA:CPU each such pass costs about as much
-    as the arithmetic; 7 % of a ResNet-4 anodev2_conf1 step, see BENCHMARKS.md). Reverse
-    mode only, to any order.
-    """
-    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
-
-
-def _batch_norm_train_fwd(
-    x: Array, scale: Array, bias: Array, epsilon: float
-) -> tuple[tuple[Array, dict[str, Array]], tuple[Array, ...]]:
-    moments = batch_moments(x)
-    rstd = jax.lax.rsqrt(moments["var"] + epsilon)
-    y = (x - _channels(moments["mean"])) * _channels(scale * rstd) + _channels(bias)
-    return (y, moments), (x, moments["mean"], rstd, scale)
-
-
-def _batch_norm_train_bwd(
-    epsilon: float, residuals: tuple[Array, ...], cotangents: tuple[Array, dict[str, Array]]
-) -> tuple[Array, Array, Array]:
-    x, mean, rstd, scale = residuals
-    dy, dmoments = cotangents
-    m = x.size // x.shape[-1]  # elements per channel
-    xhat = (x - _channels(mean)) * _channels(rstd)
-    dbias = jnp.sum(dy, axis=(0, 1, 2))
-    dscale = jnp.sum(dy * xhat, axis=(0, 1, 2))
-    # d/dx of y: scale·rstd·(dy - mean(dy) - xhat·mean(dy·xhat)); of the moments: dmean/m
-    # and dvar·2(x - mean)/m = dvar·2·xhat/(m·rstd).
-    dx = _channels(scale * rstd) * (dy - _channels(dbias / m) - xhat * _channels(dscale / m))
-    dx = dx + _channels(dmoments["mean"] / m) + xhat * _channels(2.0 * dmoments["var"] / (m * rstd))
-    return dx, dscale, dbias
-
-
-_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
-
-
+# -- pooling ---------------------------------------------------------------------------------------
 def max_pool(x: Array, size: int) -> Array:
     """Max over non-overlapping size × size windows: (N, H, W, C) -> (N, H/size, W/size, C).
 
@@ -183,25 +120,6 @@ def max_pool(x: Array, size: int) -> Array:
     if h % size or w % size:
         raise ValueError(f"max_pool window {size} does not divide the input's {h}x{w}")
     return x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
-
-
-def fold_moments(
-    stats: dict[str, Array], moments: Sequence[dict[str, Array]], momentum: float = BN_MOMENTUM
-) -> dict[str, Array]:
-    """New running statistics after one training step that evaluated a BatchNorm k times.
-
-    running ← momentum·running + (1 - momentum)·(1/k) Σ_i moments_i, for mean and var alike:
-    one update per step, whatever k is (Nz·stages in an ODE block), so the effective
-    averaging horizon does not depend on Nz, and evaluation (which applies one shared
-    BatchNorm at every step) normalizes with the average of the statistics each evaluation
-    used in training. (PyTorch's forward would instead apply k momentum updates in sequence,
-    weighting late steps more, and ANODE's checkpoint recompute would apply them again.)
-    """
-    return jax.tree.map(
-        lambda old, *new: momentum * old + (1.0 - momentum) * (sum(new) / len(new)),
-        stats,
-        *[jax.lax.stop_gradient(m) for m in moments],
-    )
 
 
 # -- the blocks' vector fields f(z, θ, args) -> (dz/dt, moments) -----------------------------------
@@ -225,7 +143,7 @@ def alexnet_field(
 
     z: (N, H, W, C); theta: {"conv"} (5, 5, C, C); args: {"bias": (C,), "bn": ...}.
     """
-    h = conv2d(z, theta["conv"], 1, 2, conv_impl) + _channels(args["bias"])
+    h = conv2d(z, theta["conv"], 1, 2, conv_impl) + channels(args["bias"])
     h, bn = batch_norm(h, args["bn"], train)
     return jax.nn.relu(h), {"bn": bn}
 
@@ -247,16 +165,23 @@ _FIELDS = {
 
 
 # -- layers ----------------------------------------------------------------------------------------
-def _norm_variables(module: nn.Module, name: str, features: int, dtype: Any) -> tuple[Any, Any]:
-    """BatchNorm params {"scale", "bias"} and running stats {"mean", "var"} named ``name``."""
+def _norm_variables(
+    module: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    stats_shape: tuple[int, ...] | None = None,
+) -> tuple[Any, Any]:
+    """BatchNorm params {"scale", "bias"} of ``shape`` and running stats {"mean", "var"} of
+    ``stats_shape`` (default ``shape``): (C,), or (E, C) per evaluation of an ODE block."""
+    stats_shape = shape if stats_shape is None else stats_shape
     params = module.param(
-        name,
-        lambda _: {"scale": jnp.ones((features,), dtype), "bias": jnp.zeros((features,), dtype)},
+        name, lambda _: {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
     )
     stats = module.variable(
         "batch_stats",
         name,
-        lambda: {"mean": jnp.zeros((features,), dtype), "var": jnp.ones((features,), dtype)},
+        lambda: {"mean": jnp.zeros(stats_shape, dtype), "var": jnp.ones(stats_shape, dtype)},
     )
     return params, stats
 
@@ -280,11 +205,11 @@ class ConvBN(nn.Module):
         y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-            y = y + _channels(bias)
-        norm, stats = _norm_variables(self, "bn", self.features, self.dtype)
+            y = y + channels(bias)
+        norm, stats = _norm_variables(self, "bn", (self.features,), self.dtype)
         y, moments = batch_norm(y, norm if train else {**norm, **stats.value}, train)
         if train and not self.is_initializing():
-            stats.value = fold_moments(stats.value, [moments])
+            stats.value = norm_lib.fold_moments(stats.value, moments)
         return jax.nn.relu(y) if self.relu else y
 
 
@@ -297,7 +222,10 @@ class ODEBlock(nn.Module):
 
     Variables: params {"w0": {kernel name: (k, k, C, C)}, "p": evolution parameters (absent
     when the evolution has none), "bn1", "bn2" | "bn": {"scale", "bias"}, AlexNet's "bias"};
-    batch_stats {"bn1", "bn2" | "bn": {"mean", "var"}}.
+    batch_stats {"bn1", "bn2" | "bn": {"mean", "var"}}. BatchNorm variables are (C,) in the
+    plain block; in an ODE block the running statistics are (E, C), one row per f
+    evaluation (E = Nz·stages), and so are scale and offset with
+    ``ode.norm_params="per_evaluation"``.
     """
 
     channels: int
@@ -327,18 +255,30 @@ class ODEBlock(nn.Module):
             }
 
         w0 = self.param("w0", init_kernels)
+        norm_shape: tuple[int, ...] = (c,)
+        stats_shape: tuple[int, ...] = (c,)
+        if self.ode is not None:
+            stats_shape = (self.ode.plan().num_evaluations, c)
+            if self.ode.norm_params == "per_evaluation":
+                norm_shape = stats_shape
         args: dict[str, Any] = {}
         stats = {}
         for name in spec.norms:
-            norm, stats[name] = _norm_variables(self, name, c, self.dtype)
+            norm, stats[name] = _norm_variables(self, name, norm_shape, self.dtype, stats_shape)
             args[name] = norm if train else {**norm, **stats[name].value}
         if spec.conv_bias:
             args["bias"] = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
-        f = functools.partial(spec.fn, train=train, conv_impl=self.conv_impl)
+
+        def f(z: Array, theta: PyTree, args: PyTree, k: int = 0) -> tuple[Array, PyTree]:
+            """The field at evaluation k, with that evaluation's BatchNorm variables."""
+            if self.ode is not None:
+                args = args | {name: norm_lib.at_evaluation(args[name], k) for name in spec.norms}
+            return spec.fn(z, theta, args, train=train, conv_impl=self.conv_impl)
 
         if self.ode is None:
             dz, aux = f(z, w0, args)
-            z1, auxs = z + dz, (aux,)
+            z1 = z + dz
+            moments = {name: aux[name] for name in spec.norms}
         else:
             evolution = self.ode.evolution
             p = None
@@ -357,11 +297,15 @@ class ODEBlock(nn.Module):
                 method=self.ode.method,
                 gradient=self.ode.gradient,
                 has_aux=True,
+                indexed=True,
             )
+            moments = {
+                name: norm_lib.stack_evaluations([a[name] for a in auxs]) for name in spec.norms
+            }
         # The forward pass's moments only: DTO and OTD discard those of their backward passes.
         if train and not self.is_initializing():
             for name in spec.norms:
-                stats[name].value = fold_moments(stats[name].value, [a[name] for a in auxs])
+                stats[name].value = norm_lib.fold_moments(stats[name].value, moments[name])
         return jax.nn.relu(z1) if spec.post_relu else z1
 
 

@@ -10,6 +10,7 @@ All loops are Python-unrolled over the few fixed steps: on XLA:CPU the backward 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -41,6 +42,11 @@ class Plan:
     @property
     def tableau(self) -> stepping.Tableau:
         return stepping.TABLEAUS[self.method]
+
+    @property
+    def num_evaluations(self) -> int:
+        """Nz·stages: how many times a z-solve evaluates f (indices k = n·stages + i)."""
+        return len(self.stage_indices) * len(self.tableau.b)
 
     @property
     def num_w_needed(self) -> int:
@@ -143,13 +149,16 @@ def weight_trajectory(
 def _z_trajectory(
     f: Callable[..., Any], z0: PyTree, ws: Sequence[PyTree], args: Any, plan: Plan, has_aux: bool
 ) -> tuple[list[PyTree], list[Any]]:
-    """[z_0, ..., z_Nz] and the aux output of every f evaluation (in order of evaluation)."""
+    """[z_0, ..., z_Nz] and the aux output of every f evaluation (in order of evaluation).
+
+    ``f(z, theta, args, k)`` takes the evaluation index k (see :func:`coupled_solve`).
+    """
     h = 1.0 / plan.num_z_steps
     zs, auxs = [z0], []
 
-    def field(theta: PyTree) -> Callable[[PyTree], PyTree]:
+    def field(theta: PyTree, k: int) -> Callable[[PyTree], PyTree]:
         def stage(z: PyTree) -> PyTree:
-            out = f(z, theta, args)
+            out = f(z, theta, args, k)
             if has_aux:
                 out, aux = out
                 auxs.append(aux)
@@ -157,8 +166,9 @@ def _z_trajectory(
 
         return stage
 
-    for row in plan.stage_indices:
-        fields = [field(ws[m]) for m in row]
+    num_stages = len(plan.tableau.b)
+    for n, row in enumerate(plan.stage_indices):
+        fields = [field(ws[m], n * num_stages + i) for i, m in enumerate(row)]
         zs.append(stepping.rk_step(fields, zs[-1], h, plan.tableau))
     return zs, auxs
 
@@ -229,8 +239,8 @@ def _otd(
     def forward(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
         return _forward(f, evolution, plan, has_aux, z0, w0, p, args)
 
-    def field(z: PyTree, theta: PyTree, args: Any) -> PyTree:
-        out = f(z, theta, args)
+    def field(z: PyTree, theta: PyTree, args: Any, k: int) -> PyTree:
+        out = f(z, theta, args, k)
         return out[0] if has_aux else out
 
     @jax.custom_vjp
@@ -251,11 +261,15 @@ def _otd(
         ws, weights_vjp = jax.vjp(trajectory, w0, p)
         g_ws = [jax.tree.map(jnp.zeros_like, w) for w in ws]
         g_args = jax.tree.map(jnp.zeros_like, args)
-        for row in reversed(plan.stage_indices):
+        num_stages = len(tableau.b)
+        for n in reversed(range(plan.num_z_steps)):
             ks: list[tuple[PyTree, PyTree]] = []
-            for a_row, b_i, m in zip(tableau.a, tableau.b, row, strict=True):
+            for i, (a_row, b_i) in enumerate(zip(tableau.a, tableau.b, strict=True)):
+                m = plan.stage_indices[n][i]
                 z_i, a_i = stepping.axpy((z, a), -h, list(zip(a_row, ks, strict=False)))
-                dz, vjp = jax.vjp(field, z_i, ws[m], args)
+                dz, vjp = jax.vjp(
+                    functools.partial(field, k=n * num_stages + i), z_i, ws[m], args
+                )
                 gz, gtheta, gargs = vjp(a_i)
                 ks.append((dz, jax.tree.map(jnp.negative, gz)))
                 if b_i:
@@ -309,6 +323,15 @@ def split_float_leaves(args: Any) -> tuple[list[Any], Callable[..., Any]]:
     return [x for x, flt in zip(leaves, is_float, strict=True) if flt], rebuild
 
 
+def indexed_field(f: Callable[..., Any], indexed: bool) -> Callable[..., Any]:
+    """f in the form ``f(z, theta, args, k)`` the solvers call (k: the evaluation index)."""
+    if not callable(f):
+        raise ValueError(f"f must be a callable f(z, theta, args) -> dz/dt; got {type(f).__name__}")
+    if indexed:
+        return f
+    return lambda z, theta, args, k: f(z, theta, args)
+
+
 def check_inputs(
     f: Callable[..., Any],
     z0: PyTree,
@@ -318,9 +341,10 @@ def check_inputs(
     evolution: evolution_lib.Evolution,
     has_aux: bool,
 ) -> None:
-    """Validate a coupled solve's inputs (evolution shapes, f's output) before tracing it."""
-    if not callable(f):
-        raise ValueError(f"f must be a callable f(z, theta, args) -> dz/dt; got {type(f).__name__}")
+    """Validate a coupled solve's inputs (evolution shapes, f's output) before tracing it.
+
+    ``f``: the field in the form ``f(z, theta, args, k)`` (see :func:`indexed_field`).
+    """
     for name, tree in (("z0", z0), ("w0", w0)):
         leaves = jax.tree.leaves(tree)
         if not leaves:
@@ -332,7 +356,7 @@ def check_inputs(
                     "needs float32 or float64 arrays"
                 )
     evolution.check(w0, p)
-    out = jax.eval_shape(f, z0, w0, args)
+    out = jax.eval_shape(f, z0, w0, args, 0)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError("has_aux=True needs f to return a pair (dz/dt, aux)")
@@ -360,6 +384,7 @@ def coupled_solve(
     method: str = "euler",
     gradient: str = "dto",
     has_aux: bool = False,
+    indexed: bool = False,
     return_trajectory: bool = False,
 ) -> Any:
     """Solve dz/dt = f(z, θ(t), args), dw/dt = q(w; p), θ = w on [0, 1] (SPEC §1-2).
@@ -381,6 +406,11 @@ def coupled_solve(
         ``"backprop"`` (exact, stores every step; supports forward mode too).
       has_aux: f returns ``(dz/dt, aux)``; the solve then returns ``(result, auxs)`` with
         the aux of every f evaluation in order of evaluation (forward pass only).
+      indexed: f takes a fourth argument, ``f(z, theta, args, k)``: the index
+        k = n·stages + i (a Python int, 0 ≤ k < Nz·stages) of the evaluation at stage i of
+        z-step n, the same in the forward pass and in DTO's and OTD's backward passes. A
+        field whose static parameters differ per evaluation (e.g. per-step BatchNorm
+        statistics) takes its slice k of them.
       return_trajectory: return a :class:`Trajectory` (all z_n and w_m) instead of z(1);
         it is differentiated by plain backprop.
 
@@ -391,6 +421,7 @@ def coupled_solve(
     plan = make_plan(num_z_steps, num_w_steps, schedule, method)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient={gradient!r} is unknown; use one of {GRADIENTS}")
+    f = indexed_field(f, indexed)
     check_inputs(f, z0, w0, p, args, evolution, has_aux)
 
     if return_trajectory:
@@ -401,8 +432,8 @@ def coupled_solve(
 
     phi, with_phi = split_float_leaves(args)
 
-    def f_split(z: PyTree, theta: PyTree, phi: list[Any]) -> Any:
-        return f(z, theta, with_phi(phi))
+    def f_split(z: PyTree, theta: PyTree, phi: list[Any], k: int) -> Any:
+        return f(z, theta, with_phi(phi), k)
 
     z1, auxs = _SOLVERS[gradient](f_split, evolution, plan, has_aux)(z0, w0, p, phi)
     return (z1, auxs) if has_aux else z1

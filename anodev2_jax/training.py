@@ -25,6 +25,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
+import warnings
 from flax import struct
 
 from anodev2_jax import data as data_lib
@@ -83,7 +84,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def model_from_config(config: ml_collections.ConfigDict) -> Any:
     overrides = {
         name: config[name]
-        for name in ("num_z_steps", "num_w_steps", "method", "gradient")
+        for name in ("num_z_steps", "num_w_steps", "method", "gradient", "norm_params")
         if config[name] is not None
     }
     return models.create_model(
@@ -155,12 +156,19 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, dtype: 
     return train_step
 
 
-def make_eval_step(model: Any, dtype: Any) -> Callable:
+def make_eval_step(model: Any, dtype: Any, batch_statistics: bool = False) -> Callable:
+    """The eval step; with ``batch_statistics``, BatchNorm normalizes with the moments of
+    the evaluated batch (training mode, updates discarded) instead of the running ones: a
+    check of the running statistics, meaningful on batches in random class order."""
+
     def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array):
         """Summed loss and correct count over the rows where ``mask`` is true."""
         inputs = data_lib.normalize(images).astype(dtype)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        logits = model.apply(variables, inputs, train=False)
+        if batch_statistics:
+            logits, _ = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+        else:
+            logits = model.apply(variables, inputs, train=False)
         loss = jnp.sum(jnp.where(mask, cross_entropy(logits, labels), 0.0))
         correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == labels, False))
         return {"loss": loss, "correct": correct, "count": jnp.sum(mask)}
@@ -181,6 +189,68 @@ def create_state(model: Any, optimizer: optax.GradientTransformation, config) ->
         opt_state=optimizer.init(params),
         key=jax.random.key_data(train_key),
     )
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def checkpoint_manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
+    """An orbax manager of TrainState checkpoints in ``directory`` (synchronous saves)."""
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, **options),
+    )
+
+
+def restore_checkpoint(
+    manager: ocp.CheckpointManager, template: TrainState, sharding: Any = None
+) -> TrainState:
+    """The latest checkpoint of ``manager``, restored into ``template``'s structure.
+
+    A checkpoint written before the ODE blocks kept per-evaluation BatchNorm statistics
+    (one shared (C,) running mean and variance where the model now has (E, C), one row per
+    f evaluation) is converted: each evaluation starts from the old shared statistics, which
+    training then re-estimates per evaluation. A warning says so. Any other mismatch between
+    the checkpoint and the model raises ValueError.
+    """
+    step = manager.latest_step()
+    saved = manager.item_metadata(step)
+    saved_stats = dict(saved.tree if hasattr(saved, "tree") else saved)["batch_stats"]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
+    try:
+        saved_shapes = jax.tree.map(lambda m, _: tuple(m.shape), saved_stats, template.batch_stats)
+    except ValueError as error:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} holds BatchNorm statistics "
+            f"for other layers than this model's; it was written by a different config.model "
+            f"or variant: resume it with that config, or use a new workdir ({error})"
+        ) from None
+    legacy = jax.tree.map(
+        lambda shape, t: len(shape) == 1 and t.ndim == 2 and shape == t.shape[1:],
+        saved_shapes,
+        template.batch_stats,
+    )
+    if not any(jax.tree.leaves(legacy)):
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    stats = jax.tree.map(
+        lambda shape, t: jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding),
+        saved_shapes,
+        template.batch_stats,
+    )
+    state = manager.restore(
+        step, args=ocp.args.StandardRestore(abstract.replace(batch_stats=stats))
+    )
+    warnings.warn(
+        f"the checkpoint at step {step} in {manager.directory} has one shared set of BatchNorm "
+        "running statistics per ODE block (the layout before per-evaluation statistics); "
+        "each f evaluation now starts from that shared set. Its eval-mode accuracy stays that "
+        "of the old layout until training re-estimates the statistics.",
+        stacklevel=2,
+    )
+    per_evaluation = jax.jit(
+        lambda tree: jax.tree.map(lambda x, t: jnp.broadcast_to(x, t.shape), tree, template.batch_stats),
+        out_shardings=sharding,
+    )
+    return state.replace(batch_stats=per_evaluation(state.batch_stats))
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -231,14 +301,21 @@ def stop_requests() -> Iterator[list[int]]:
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def evaluate(eval_step, state, images, labels, batch_size: int, mesh) -> dict[str, float]:
-    """Loss and accuracy over a whole (host) test set, padding the last batch."""
+def evaluate(
+    eval_step, state, images, labels, batch_size: int, mesh, order: np.ndarray | None = None
+) -> dict[str, float]:
+    """Loss and accuracy over a whole (host) test set, in ``order`` (default: as stored).
+
+    The last batch is filled up with rows from the start of the order, masked out of the
+    totals (so that, with batch statistics, it is still a sample of the test set).
+    """
     totals = {"loss": 0.0, "correct": 0, "count": 0}
     local = parallel.process_slice(batch_size)
+    order = np.arange(len(images)) if order is None else order
     for start in range(0, len(images), batch_size):
-        rows = np.arange(start, start + batch_size)
-        mask = rows < len(images)
-        rows = np.minimum(rows, len(images) - 1)
+        positions = np.arange(start, start + batch_size)
+        mask = positions < len(images)
+        rows = order[positions % len(images)]
         batch = (images[rows[local]], labels[rows[local]], mask[local])
         out = eval_step(state, *parallel.global_batch(batch, mesh))
         for name in totals:
@@ -285,22 +362,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
     eval_step = parallel.jit_data_parallel(make_eval_step(model, dtype), mesh, num_batch_args=3)
 
-    checkpoints = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_checkpoints_to_keep, enable_async_checkpointing=False
-        ),
+    checkpoints = checkpoint_manager(
+        workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep
     )
     state = create_state(model, optimizer, config)
     num_params = models.count_params(state.params)
     if checkpoints.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
-            state,
-        )
-        state = checkpoints.restore(
-            checkpoints.latest_step(), args=ocp.args.StandardRestore(abstract)
-        )
+        state = restore_checkpoint(checkpoints, state, parallel.replicated(mesh))
         if is_main:
             print(f"Resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
     else:
@@ -396,6 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     results = {
         "final_test_accuracy": test_metrics["accuracy"],
         "final_test_loss": test_metrics["loss"],
+        **_batch_statistics_check(config, model, dtype, state, dataset, mesh, test_metrics),
         "best_test_accuracy": max(best_accuracy, test_metrics["accuracy"]),
         "num_params": num_params,
         "steps": step,
@@ -410,6 +479,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if is_main:
         write_json_atomic(workdir / "results.json", results)
     return results
+
+
+def _batch_statistics_check(config, model, dtype, state, dataset, mesh, test_metrics) -> dict:
+    """The final test accuracy again with BatchNorm on batch statistics (test set in a fixed
+    random order), a second measure of the same weights; says so when eval mode is > 2
+    points below it, i.e. when the running statistics do not fit the trained network."""
+    if not config.eval_batch_statistics:
+        return {}
+    order = np.random.default_rng(config.seed).permutation(len(dataset.test_images))
+    step = parallel.jit_data_parallel(
+        make_eval_step(model, dtype, batch_statistics=True), mesh, num_batch_args=3
+    )
+    check = evaluate(
+        step, state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh, order
+    )
+    gap = check["accuracy"] - test_metrics["accuracy"]
+    if jax.process_index() == 0:
+        print(
+            f"test accuracy {test_metrics['accuracy']:.4f} (running BatchNorm statistics), "
+            f"{check['accuracy']:.4f} with batch statistics",
+            flush=True,
+        )
+        if gap > 0.02:
+            print(
+                f"warning: eval mode is {100 * gap:.1f} points below batch statistics: the "
+                "running statistics do not fit the network (too few steps since a change?)",
+                flush=True,
+            )
+    return {"final_test_accuracy_batch_statistics": check["accuracy"]}
 
 
 def _read_metrics(path: Path) -> list[dict]:

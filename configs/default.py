@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_w_steps = config_dict.placeholder(int)
     config.method = config_dict.placeholder(str)
     config.gradient = config_dict.placeholder(str)
+    # BatchNorm scale/offset in the ODE blocks: shared (default) | per_evaluation
+    config.norm_params = config_dict.placeholder(str)
     config.conv_impl = "auto"  # a faster convolution on CPU, XLA's own elsewhere
     # auto: keep freed host memory for reuse when JAX runs on the CPU (anodev2_jax.host_malloc)
     config.cpu_malloc = "auto"
@@ -28,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Optimisation (paper Appendix C; weight decay as in the ANODE code).
     config.batch_size = 256  # global, over all devices and processes
     config.eval_batch_size = 1000
+    # At the end, the test accuracy again with BatchNorm on batch statistics (a check).
+    config.eval_batch_statistics = True
     config.num_epochs = 350
     config.learning_rate = 0.1
     config.momentum = 0.9
