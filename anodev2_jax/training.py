@@ -215,7 +215,9 @@ def restore_checkpoint(
     step = manager.latest_step()
     saved = manager.item_metadata(step)
     saved_stats = dict(saved.tree if hasattr(saved, "tree") else saved)["batch_stats"]
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
+    )
     try:
         saved_shapes = jax.tree.map(lambda m, _: tuple(m.shape), saved_stats, template.batch_stats)
     except ValueError as error:
@@ -224,10 +226,12 @@ def restore_checkpoint(
             f"for other layers than this model's; it was written by a different config.model "
             f"or variant: resume it with that config, or use a new workdir ({error})"
         ) from None
+    is_shape = lambda x: isinstance(x, tuple)  # a shape is a leaf here, not a pytree node
     legacy = jax.tree.map(
         lambda shape, t: len(shape) == 1 and t.ndim == 2 and shape == t.shape[1:],
         saved_shapes,
         template.batch_stats,
+        is_leaf=is_shape,
     )
     if not any(jax.tree.leaves(legacy)):
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -235,6 +239,7 @@ def restore_checkpoint(
         lambda shape, t: jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding),
         saved_shapes,
         template.batch_stats,
+        is_leaf=is_shape,
     )
     state = manager.restore(
         step, args=ocp.args.StandardRestore(abstract.replace(batch_stats=stats))
@@ -247,7 +252,9 @@ def restore_checkpoint(
         stacklevel=2,
     )
     per_evaluation = jax.jit(
-        lambda tree: jax.tree.map(lambda x, t: jnp.broadcast_to(x, t.shape), tree, template.batch_stats),
+        lambda tree: jax.tree.map(
+            lambda x, t: jnp.broadcast_to(x, t.shape), tree, template.batch_stats
+        ),
         out_shardings=sharding,
     )
     return state.replace(batch_stats=per_evaluation(state.batch_stats))
