@@ -267,9 +267,7 @@ def _otd(
             for i, (a_row, b_i) in enumerate(zip(tableau.a, tableau.b, strict=True)):
                 m = plan.stage_indices[n][i]
                 z_i, a_i = stepping.axpy((z, a), -h, list(zip(a_row, ks, strict=False)))
-                dz, vjp = jax.vjp(
-                    functools.partial(field, k=n * num_stages + i), z_i, ws[m], args
-                )
+                dz, vjp = jax.vjp(functools.partial(field, k=n * num_stages + i), z_i, ws[m], args)
                 gz, gtheta, gargs = vjp(a_i)
                 ks.append((dz, jax.tree.map(jnp.negative, gz)))
                 if b_i:

@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-import warnings
 from flax import struct
 
 from anodev2_jax import data as data_lib
