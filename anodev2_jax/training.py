@@ -8,6 +8,7 @@ event files under ``tensorboard/`` and, at the end, ``results.json``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -30,12 +31,17 @@ from flax import struct
 
 from anodev2_jax import data as data_lib
 from anodev2_jax import host_malloc, models, parallel
+from anodev2_jax import seeds as seeds_lib
 
 PyTree = Any
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything a resumed run needs: the data order and augmentation follow from step."""
+    """Everything a resumed run needs: the data order and augmentation follow from step.
+
+    With ``config.num_seeds = k > 1`` every leaf has a leading seed axis of size k
+    (:mod:`anodev2_jax.seeds`); use :func:`state_step` for the step.
+    """
 
     step: jax.Array
     params: PyTree
@@ -67,39 +73,79 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.dtype not in ("float32", "float64"):
         raise ValueError(f"config.dtype={config.dtype!r} must be 'float32' or 'float64'")
-    for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
+    for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "num_seeds"):
         value = config[name]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{name}={value!r} must be a positive integer")
+    for name in ("seed", "data_seed"):
+        value = config[name]
+        if not (value is None and name == "data_seed") and (
+            not isinstance(value, int) or value < 0
+        ):
+            raise ValueError(f"config.{name}={value!r} must be a non-negative integer")
+    if config.seed_batching not in seeds_lib.BATCHINGS:
+        raise ValueError(
+            f"config.seed_batching={config.seed_batching!r} is unknown; use one of "
+            f"{seeds_lib.BATCHINGS}"
+        )
     if config.learning_rate <= 0:
         raise ValueError(f"config.learning_rate={config.learning_rate} must be positive")
     if config.warmup_epochs < 0:
         raise ValueError(f"config.warmup_epochs={config.warmup_epochs} must be ≥ 0")
-    if list(config.lr_decay_epochs) != sorted(config.lr_decay_epochs):
+    decay_epochs = list(config.lr_decay_epochs)
+    if not all(isinstance(e, int | float) and e >= 0 for e in decay_epochs):
+        raise ValueError(
+            f"config.lr_decay_epochs={config.lr_decay_epochs} must hold epochs ≥ 0 (fractions "
+            "allowed, e.g. (6.43, 12.86))"
+        )
+    if decay_epochs != sorted(decay_epochs):
         raise ValueError(f"config.lr_decay_epochs={config.lr_decay_epochs} must be increasing")
     # Builds the ODE plan, which validates step counts, schedule and method.
     model_from_config(config)
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> Any:
+    """The Flax model of ``config``: model, variant, ODE overrides, conv impl and dtype.
+
+    conv_impl "auto" is XLA's convolution when the seeds of a run are vmapped: under vmap the
+    conditionals of the CPU formulations (anodev2_jax.conv) run both branches.
+    """
     overrides = {
         name: config[name]
         for name in ("num_z_steps", "num_w_steps", "method", "gradient", "norm_params")
         if config[name] is not None
     }
+    conv_impl = config.conv_impl
+    vmapped = config.num_seeds > 1 and seeds_lib.resolve_batching(config.seed_batching) == "vmap"
+    if conv_impl == "auto" and vmapped:
+        conv_impl = "xla"
     return models.create_model(
         config.model,
         config.variant,
-        conv_impl=config.conv_impl,
+        conv_impl=conv_impl,
         dtype=jnp.dtype(config.dtype),
         **overrides,
     )
 
 
+def seeds_of(config: ml_collections.ConfigDict) -> list[int]:
+    """The seeds a run trains: config.seed, …, config.seed + config.num_seeds - 1."""
+    return seeds_lib.seed_list(config.seed, config.num_seeds)
+
+
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the data order (and of the synthetic data): config.data_seed or config.seed."""
+    return config.seed if config.data_seed is None else config.data_seed
+
+
 def learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
-    """Linear warm-up from 0, then the paper's step decay at ``lr_decay_epochs``."""
+    """Linear warm-up from 0, then the paper's step decay at ``lr_decay_epochs``.
+
+    Epochs may be fractional (a compressed schedule): a boundary falls on the step
+    int(epoch · steps_per_epoch).
+    """
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)
     # join_schedules hands the second schedule steps counted from the end of the warm-up.
     boundaries: dict[int, float] = {}
@@ -177,9 +223,17 @@ def make_eval_step(model: Any, dtype: Any, batch_statistics: bool = False) -> Ca
 
 
 def create_state(model: Any, optimizer: optax.GradientTransformation, config) -> TrainState:
-    key = jax.random.key(config.seed)
-    init_key, train_key = jax.random.split(key)
-    dummy = jnp.zeros((1, 32, 32, 3), jnp.dtype(config.dtype))
+    """The initial state of seed ``config.seed``; with ``num_seeds = k`` > 1, the initial
+    states of the k seeds of :func:`seeds_of`, stacked on a leading seed axis."""
+    states = [_initial_state(model, optimizer, seed, config.dtype) for seed in seeds_of(config)]
+    return states[0] if len(states) == 1 else seeds_lib.stack(states)
+
+
+def _initial_state(
+    model: Any, optimizer: optax.GradientTransformation, seed: int, dtype: str
+) -> TrainState:
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    dummy = jnp.zeros((1, 32, 32, 3), jnp.dtype(dtype))
     variables = model.init(init_key, dummy, train=False)
     params = variables["params"]
     return TrainState(
@@ -189,6 +243,11 @@ def create_state(model: Any, optimizer: optax.GradientTransformation, config) ->
         opt_state=optimizer.init(params),
         key=jax.random.key_data(train_key),
     )
+
+
+def state_step(state: TrainState) -> int:
+    """The number of steps taken (the same for every seed of a state with a seed axis)."""
+    return int(np.asarray(state.step).reshape(-1)[0])
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -214,7 +273,24 @@ def restore_checkpoint(
     """
     step = manager.latest_step()
     saved = manager.item_metadata(step)
-    saved_stats = dict(saved.tree if hasattr(saved, "tree") else saved)["batch_stats"]
+    saved_tree = dict(saved.tree if hasattr(saved, "tree") else saved)
+    saved_stats = saved_tree["batch_stats"]
+    try:
+        same_params = jax.tree.leaves(
+            jax.tree.map(
+                lambda m, t: tuple(m.shape) == t.shape, saved_tree["params"], template.params
+            )
+        )
+    except ValueError:
+        same_params = [False]
+    if not all(same_params):
+        num_seeds = template.step.shape[0] if template.step.ndim else 1
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} holds parameters of other "
+            f"names or shapes than this run's (model, variant, num_seeds={num_seeds}): it was "
+            "written by a different config.model, variant or num_seeds; resume it with that "
+            "config, or use a new workdir"
+        )
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
     )
@@ -269,7 +345,11 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl plus TensorBoard event files; silent on processes other than 0."""
+    """metrics.jsonl plus TensorBoard event files; silent on processes other than 0.
+
+    One record per step and kind; in a run with several seeds one per seed, with a "seed"
+    field, and TensorBoard tags ``KIND/NAME/seed_S``.
+    """
 
     def __init__(self, workdir: Path, enabled: bool):
         self.enabled = enabled
@@ -279,14 +359,26 @@ class MetricsLog:
             self.file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
-    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+    def write(
+        self, step: int, kind: str, values: dict[str, float], seed: int | None = None
+    ) -> None:
+        """Append one record; ``seed``: the seed it belongs to (None in a single-seed run)."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        tagged = {} if seed is None else {"seed": seed}
+        self.file.write(json.dumps({"step": step, "kind": kind, **tagged, **values}) + "\n")
         self.file.flush()
+        suffix = "" if seed is None else f"/seed_{seed}"
         for name, value in values.items():
-            self.writer.add_scalar(f"{kind}/{name}", value, step)
+            self.writer.add_scalar(f"{kind}/{name}{suffix}", value, step)
         self.writer.flush()
+
+    def write_seeds(
+        self, step: int, kind: str, values: list[dict[str, float]], seeds: list[int]
+    ) -> None:
+        """One record per seed: ``values[i]`` for ``seeds[i]`` (no seed field if only one)."""
+        for seed, seed_values in zip(seeds, values, strict=True):
+            self.write(step, kind, seed_values, seed if len(seeds) > 1 else None)
 
     def close(self) -> None:
         if self.enabled:
@@ -310,13 +402,15 @@ def stop_requests() -> Iterator[list[int]]:
 # -- the loop --------------------------------------------------------------------------------------
 def evaluate(
     eval_step, state, images, labels, batch_size: int, mesh, order: np.ndarray | None = None
-) -> dict[str, float]:
+) -> dict[str, np.ndarray]:
     """Loss and accuracy over a whole (host) test set, in ``order`` (default: as stored).
 
-    The last batch is filled up with rows from the start of the order, masked out of the
-    totals (so that, with batch statistics, it is still a sample of the test set).
+    Returns float64 arrays: () each, or (k,) for a state with a seed axis (an eval step
+    mapped by :func:`anodev2_jax.seeds.over_seeds`). The last batch is filled up with rows
+    from the start of the order, masked out of the totals (so that, with batch statistics,
+    it is still a sample of the test set).
     """
-    totals = {"loss": 0.0, "correct": 0, "count": 0}
+    totals: dict[str, Any] = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     local = parallel.process_slice(batch_size)
     order = np.arange(len(images)) if order is None else order
     for start in range(0, len(images), batch_size):
@@ -326,7 +420,7 @@ def evaluate(
         batch = (images[rows[local]], labels[rows[local]], mask[local])
         out = eval_step(state, *parallel.global_batch(batch, mesh))
         for name in totals:
-            totals[name] += out[name].item()
+            totals[name] = totals[name] + np.asarray(out[name], dtype=np.float64)
     return {
         "loss": totals["loss"] / totals["count"],
         "accuracy": totals["correct"] / totals["count"],
@@ -334,7 +428,15 @@ def evaluate(
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train ``config.model``/``config.variant`` on CIFAR-10; return the results dict."""
+    """Train ``config.model``/``config.variant`` on CIFAR-10; return the results dict.
+
+    The results (also written to ``workdir/results.json``): per seed (``per_seed``, a list
+    of {"seed", "final_test_accuracy", "final_test_loss", "best_test_accuracy" and, with
+    ``config.eval_batch_statistics``, "final_test_accuracy_batch_statistics"}), their min,
+    max and mean over seeds (``summary``), and ``seeds``, ``num_params`` (of one seed),
+    ``steps``, ``wall_time_sec``, ``data_source``, ``devices``, ``processes`` and ``config``.
+    A single-seed run also has its seed's numbers at the top level.
+    """
     start_time = time.time()
     check_config(config)
     mesh = parallel.make_mesh()
@@ -350,7 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         config.data_source,
         data_dir=config.data_dir,
         download=config.download,
-        seed=config.seed,
+        seed=data_seed(config),
         **sizes,
     )
     num_train = len(dataset.train_images)
@@ -360,46 +462,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             f"config.batch_size={config.batch_size} exceeds the {num_train} training images"
         )
     total_steps = steps_per_epoch * config.num_epochs
+    seeds = seeds_of(config)
+    num_seeds = len(seeds)
 
     model = model_from_config(config)
     optimizer = make_optimizer(config, steps_per_epoch)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
     dtype = jnp.dtype(config.dtype)
-    train_step = parallel.jit_data_parallel(
-        make_train_step(model, optimizer, dtype), mesh, num_batch_args=2, donate_state=True
+    over_seeds = functools.partial(
+        seeds_lib.over_seeds, num_seeds=num_seeds, batching=config.seed_batching
     )
-    eval_step = parallel.jit_data_parallel(make_eval_step(model, dtype), mesh, num_batch_args=3)
+    train_step = parallel.jit_data_parallel(
+        over_seeds(make_train_step(model, optimizer, dtype)),
+        mesh,
+        num_batch_args=2,
+        donate_state=True,
+    )
+    eval_step = parallel.jit_data_parallel(
+        over_seeds(make_eval_step(model, dtype)), mesh, num_batch_args=3
+    )
 
     checkpoints = checkpoint_manager(
         workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep
     )
     state = create_state(model, optimizer, config)
-    num_params = models.count_params(state.params)
+    num_params = models.count_params(state.params) // num_seeds
     if checkpoints.latest_step() is not None:
         state = restore_checkpoint(checkpoints, state, parallel.replicated(mesh))
         if is_main:
-            print(f"Resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
+            print(f"Resumed from {workdir / 'checkpoints'} at step {state_step(state)}", flush=True)
     else:
         state = parallel.replicate(state, mesh)
 
     log = MetricsLog(workdir, is_main)
 
     def save(state: TrainState) -> None:
-        step = int(state.step)
+        step = state_step(state)
         if checkpoints.latest_step() != step:
             checkpoints.save(step, args=ocp.args.StandardSave(state))
             checkpoints.wait_until_finished()
 
     local = parallel.process_slice(config.batch_size)
-    best_accuracy, test_metrics = 0.0, {}
     # Every process reads it (orbax needs a workdir all processes share) so all return the same.
-    for record in _read_metrics(workdir / "metrics.jsonl"):
-        if record["kind"] == "test":
-            best_accuracy = max(best_accuracy, record["accuracy"])
-    step = int(state.step)
+    best_accuracy = _best_accuracies(_read_metrics(workdir / "metrics.jsonl"), seeds)
+    test_metrics: list[dict[str, float]] = []
+    step = state_step(state)
     with stop_requests() as stop:
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
-            order = data_lib.epoch_batches(num_train, config.batch_size, config.seed, epoch)
+            order = data_lib.epoch_batches(num_train, config.batch_size, data_seed(config), epoch)
             bar = tqdm.tqdm(
                 total=steps_per_epoch,
                 initial=offset,
@@ -422,18 +533,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if boundary or jax.process_count() == 1:
                     stopping = parallel.any_process(bool(stop))
                 if boundary or stopping:
-                    values = _check_finite(pending, checkpoints)
-                    elapsed = time.time() - tick
-                    values["images_per_sec"] = len(pending) * config.batch_size / elapsed
-                    values["learning_rate"] = float(
-                        learning_rate_schedule(config, steps_per_epoch)(step)
+                    values = seeds_lib.per_seed(
+                        _check_finite(pending, checkpoints, seeds), num_seeds
                     )
+                    # Training images per second, all seeds together.
+                    rate = len(pending) * config.batch_size * num_seeds / (time.time() - tick)
+                    for seed_values in values:
+                        seed_values["images_per_sec"] = rate
+                        seed_values["learning_rate"] = float(schedule(step))
                     bar.set_postfix(
-                        loss=f"{values['loss']:.3f}",
-                        acc=f"{values['accuracy']:.3f}",
-                        img_s=f"{values['images_per_sec']:.0f}",
+                        loss=f"{np.mean([v['loss'] for v in values]):.3f}",
+                        acc=f"{np.mean([v['accuracy'] for v in values]):.3f}",
+                        img_s=f"{rate:.0f}",
                     )
-                    log.write(step, "train", values)
+                    log.write_seeds(step, "train", values, seeds)
                     pending, tick = [], time.time()
                 if stopping:
                     break
@@ -448,37 +561,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 )
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
                 save(state)
-            test_metrics = evaluate(
-                eval_step,
-                state,
-                dataset.test_images,
-                dataset.test_labels,
-                config.eval_batch_size,
-                mesh,
-            )
-            best_accuracy = max(best_accuracy, test_metrics["accuracy"])
-            log.write(step, "test", {**test_metrics, "epoch": epoch + 1})
+            test_metrics = _test(eval_step, state, dataset, config, mesh)
+            best_accuracy = np.maximum(best_accuracy, [m["accuracy"] for m in test_metrics])
+            log.write_seeds(step, "test", [{**m, "epoch": epoch + 1} for m in test_metrics], seeds)
             if is_main:
-                print(
-                    f"epoch {epoch + 1}: test loss {test_metrics['loss']:.4f}, "
-                    f"accuracy {test_metrics['accuracy']:.4f}",
-                    flush=True,
-                )
+                print(f"epoch {epoch + 1}: {_describe_test(test_metrics, seeds)}", flush=True)
     if not test_metrics:  # resumed a finished run
-        test_metrics = evaluate(
-            eval_step, state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh
-        )
+        test_metrics = _test(eval_step, state, dataset, config, mesh)
+    check = _batch_statistics_check(config, model, dtype, state, dataset, mesh, test_metrics)
+    per_seed = []
+    for i, (seed, metrics) in enumerate(zip(seeds, test_metrics, strict=True)):
+        numbers = {
+            "final_test_accuracy": metrics["accuracy"],
+            "final_test_loss": metrics["loss"],
+        }
+        if check is not None:
+            numbers["final_test_accuracy_batch_statistics"] = check[i]
+        numbers["best_test_accuracy"] = float(max(best_accuracy[i], metrics["accuracy"]))
+        per_seed.append({"seed": seed, **numbers})
+    names = [name for name in per_seed[0] if name != "seed"]
     results = {
-        "final_test_accuracy": test_metrics["accuracy"],
-        "final_test_loss": test_metrics["loss"],
-        **_batch_statistics_check(config, model, dtype, state, dataset, mesh, test_metrics),
-        "best_test_accuracy": max(best_accuracy, test_metrics["accuracy"]),
+        **({name: per_seed[0][name] for name in names} if num_seeds == 1 else {}),
         "num_params": num_params,
         "steps": step,
         "wall_time_sec": time.time() - start_time,
         "data_source": dataset.source,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "summary": {name: seeds_lib.summary([r[name] for r in per_seed]) for name in names},
         "config": config.to_dict(),
     }
     log.close()
@@ -488,33 +600,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return results
 
 
-def _batch_statistics_check(config, model, dtype, state, dataset, mesh, test_metrics) -> dict:
-    """The final test accuracy again with BatchNorm on batch statistics (test set in a fixed
-    random order), a second measure of the same weights; says so when eval mode is > 2
-    points below it, i.e. when the running statistics do not fit the trained network."""
+def per_seed_results(results: dict) -> list[dict]:
+    """The per-seed entries of a results.json dict, also for one written before num_seeds
+    existed (a single seed, its numbers at the top level)."""
+    if "per_seed" in results:
+        return list(results["per_seed"])
+    names = ("final_test_accuracy", "final_test_loss", "final_test_accuracy_batch_statistics")
+    single = {name: results[name] for name in (*names, "best_test_accuracy") if name in results}
+    return [{"seed": results["config"]["seed"], **single}]
+
+
+def _test(eval_step, state, dataset, config, mesh) -> list[dict[str, float]]:
+    """The test set's loss and accuracy, one dict per seed."""
+    metrics = evaluate(
+        eval_step, state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh
+    )
+    return seeds_lib.per_seed(metrics, config.num_seeds)
+
+
+def _describe_test(test_metrics: list[dict[str, float]], seeds: list[int]) -> str:
+    if len(seeds) == 1:
+        only = test_metrics[0]
+        return f"test loss {only['loss']:.4f}, accuracy {only['accuracy']:.4f}"
+    accuracies = ", ".join(f"{m['accuracy']:.4f}" for m in test_metrics)
+    return f"test accuracy {accuracies} (seeds {seeds[0]}–{seeds[-1]})"
+
+
+def _best_accuracies(records: list[dict], seeds: list[int]) -> np.ndarray:
+    """The best test accuracy per seed in earlier metrics records (0 where none)."""
+    best = np.zeros(len(seeds))
+    for record in records:
+        seed = record.get("seed", seeds[0])
+        if record["kind"] == "test" and seed in seeds:
+            index = seeds.index(seed)
+            best[index] = max(best[index], record["accuracy"])
+    return best
+
+
+def _batch_statistics_check(
+    config, model, dtype, state, dataset, mesh, test_metrics
+) -> list[float] | None:
+    """The final test accuracy per seed again with BatchNorm on batch statistics (test set
+    in a fixed random order), a second measure of the same weights; says so when eval mode
+    is > 2 points below it, i.e. when the running statistics do not fit the trained network.
+    None when ``config.eval_batch_statistics`` is off."""
     if not config.eval_batch_statistics:
-        return {}
-    order = np.random.default_rng(config.seed).permutation(len(dataset.test_images))
+        return None
+    order = np.random.default_rng(data_seed(config)).permutation(len(dataset.test_images))
     step = parallel.jit_data_parallel(
-        make_eval_step(model, dtype, batch_statistics=True), mesh, num_batch_args=3
+        seeds_lib.over_seeds(
+            make_eval_step(model, dtype, batch_statistics=True),
+            config.num_seeds,
+            config.seed_batching,
+        ),
+        mesh,
+        num_batch_args=3,
     )
     check = evaluate(
         step, state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh, order
     )
-    gap = check["accuracy"] - test_metrics["accuracy"]
+    accuracies = [m["accuracy"] for m in seeds_lib.per_seed(check, config.num_seeds)]
     if jax.process_index() == 0:
-        print(
-            f"test accuracy {test_metrics['accuracy']:.4f} (running BatchNorm statistics), "
-            f"{check['accuracy']:.4f} with batch statistics",
-            flush=True,
-        )
-        if gap > 0.02:
+        for seed, accuracy, metrics in zip(seeds_of(config), accuracies, test_metrics, strict=True):
+            which = f"seed {seed}: " if config.num_seeds > 1 else ""
             print(
-                f"warning: eval mode is {100 * gap:.1f} points below batch statistics: the "
-                "running statistics do not fit the network (too few steps since a change?)",
+                f"{which}test accuracy {metrics['accuracy']:.4f} (running BatchNorm "
+                f"statistics), {accuracy:.4f} with batch statistics",
                 flush=True,
             )
-    return {"final_test_accuracy_batch_statistics": check["accuracy"]}
+            gap = accuracy - metrics["accuracy"]
+            if gap > 0.02:
+                print(
+                    f"warning: {which}eval mode is {100 * gap:.1f} points below batch "
+                    "statistics: the running statistics do not fit the network (too few steps "
+                    "since a change?)",
+                    flush=True,
+                )
+    return accuracies
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -529,19 +691,25 @@ def _read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def _check_finite(pending: list[tuple[int, dict]], checkpoints) -> dict[str, float]:
-    """Mean of the pending steps' metrics; stops training at the first non-finite loss."""
+def _check_finite(
+    pending: list[tuple[int, dict]], checkpoints, seeds: list[int]
+) -> dict[str, np.ndarray]:
+    """Mean of the pending steps' metrics, () or (k,) per seed; stops training at the first
+    non-finite loss."""
     host = jax.device_get([metrics for _, metrics in pending])
     for (step, _), metrics in zip(pending, host, strict=True):
-        if not math.isfinite(float(metrics["loss"])):
+        losses = np.atleast_1d(np.asarray(metrics["loss"]))
+        bad = [i for i, loss in enumerate(losses) if not math.isfinite(float(loss))]
+        if bad:
             last = checkpoints.latest_step()
             where = (
                 f"the last good checkpoint is step {last} in {checkpoints.directory}"
                 if last is not None
                 else "no checkpoint was saved yet"
             )
+            which = f" (seed {seeds[bad[0]]})" if len(seeds) > 1 else ""
             raise NonFiniteLossError(
-                f"loss is {float(metrics['loss'])} at step {step}; training stopped, {where}. "
-                "Lower config.learning_rate or lengthen config.warmup_epochs."
+                f"loss is {float(losses[bad[0]])} at step {step}{which}; training stopped, "
+                f"{where}. Lower config.learning_rate or lengthen config.warmup_epochs."
             )
-    return {name: float(np.mean([m[name] for m in host])) for name in host[0]}
+    return {name: np.mean([m[name] for m in host], axis=0) for name in host[0]}

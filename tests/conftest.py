@@ -1,4 +1,10 @@
-"""Shared test configuration: float64 for gradient checks, strict rank promotion."""
+"""Shared test configuration: float64 for gradient checks, strict rank promotion, and a
+compilation cache for the session."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -6,6 +12,16 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The training tests compile the same train step in many runs (each train_and_evaluate jits
+# afresh); a persistent cache, new for every session, compiles each program once. A cache
+# hit loads the same executable, so bit-identity checks are unaffected.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _cache = tempfile.mkdtemp(prefix="anodev2-jax-test-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def tree_allclose(a, b, *, rtol: float = 1e-12, atol: float = 0.0) -> bool:

@@ -1,7 +1,9 @@
-"""Training: outputs, bit-identical resume, signals, NaN stop, config errors, real data."""
+"""Training: outputs, bit-identical resume, signals, NaN stop, config errors, real data, and
+several seeds in one program (config.num_seeds)."""
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -10,9 +12,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tree_allclose
+from conftest import tree_allclose, tree_relative_error
 
-from anodev2_jax import training
+from anodev2_jax import data, parallel, seeds, training
 from configs import resnet4
 
 
@@ -163,3 +165,116 @@ def test_resnet4_baseline_learns_real_cifar10(tmp_path):
 def test_no_warmup_starts_at_the_full_learning_rate():
     schedule = training.learning_rate_schedule(tiny_config(warmup_epochs=0.0), steps_per_epoch=10)
     assert float(schedule(0)) == pytest.approx(0.02)
+
+
+# -- several seeds in one program (config.num_seeds) -----------------------------------------------
+def seeds_config(**overrides):
+    return tiny_config(**{"num_seeds": 2, "seed_batching": "loop", **overrides})
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("seeds")
+    return workdir, training.train_and_evaluate(seeds_config(), workdir)
+
+
+def test_a_seeds_run_writes_per_seed_metrics_results_and_tags(seeds_run):
+    workdir, results = seeds_run
+    assert results["seeds"] == [0, 1] and "final_test_accuracy" not in results
+    assert results["num_params"] == 7706 and results["steps"] == 12
+    per_seed = results["per_seed"]
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    for name in ("final_test_accuracy", "final_test_accuracy_batch_statistics"):
+        values = [r[name] for r in per_seed]
+        assert results["summary"][name] == pytest.approx(
+            {"min": min(values), "max": max(values), "mean": np.mean(values)}
+        )
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for seed in (0, 1):
+        train = [r for r in records if r["kind"] == "train" and r["seed"] == seed]
+        test = [r for r in records if r["kind"] == "test" and r["seed"] == seed]
+        assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+        assert [r["epoch"] for r in test] == [1, 2]
+        assert test[-1]["accuracy"] == per_seed[seed]["final_test_accuracy"]
+    events = b"".join(p.read_bytes() for p in (workdir / "tensorboard").glob("events.*"))
+    assert b"train/loss/seed_0" in events and b"test/accuracy/seed_1" in events
+    state = restore(workdir, seeds_config())
+    assert state.step.shape == (2,) and state.params["fc"]["kernel"].shape == (2, 256, 10)
+
+
+def test_each_seed_of_a_seeds_run_is_the_separate_run_of_that_seed(
+    straight_run, seeds_run, tmp_path
+):
+    """Seed 0 is the straight run; seed 1 is a run with seed=1 on the data order of seed 0."""
+    seed1 = training.train_and_evaluate(tiny_config(seed=1, data_seed=0), tmp_path)
+    separate = {0: straight_run, 1: (tmp_path, seed1)}
+    together = restore(seeds_run[0], seeds_config())
+    for index, (run_dir, results) in separate.items():
+        alone = restore(run_dir, tiny_config(seed=index, data_seed=0))
+        assert tree_relative_error(seeds.select(together, index), alone) <= 1e-5
+        mine = seeds_run[1]["per_seed"][index]
+        assert mine["final_test_accuracy"] == results["final_test_accuracy"]
+        assert mine["final_test_accuracy_batch_statistics"] == pytest.approx(
+            results["final_test_accuracy_batch_statistics"]
+        )
+
+
+def test_vmapped_seeds_equal_separate_steps_after_a_few_steps():
+    """seed_batching="vmap" over 2 seeds equals two single-seed steps (float32, 3 steps; the
+    loop is checked against separate runs above). Later steps can part further (measured:
+    5e-2 after 7 steps): vmap changes how XLA fuses and rounds the float32 parts of a step,
+    and training amplifies such differences."""
+    config = seeds_config(seed_batching="vmap")
+    dataset = data.synthetic_cifar10(96, 40, seed=0)
+    model = training.model_from_config(config)
+    optimizer = training.make_optimizer(config, steps_per_epoch=6)
+    step = training.make_train_step(model, optimizer, jax.numpy.float32)
+    # As train_and_evaluate jits them (the single step is then the straight run's program).
+    mesh = parallel.make_mesh()
+    jit = lambda fn: parallel.jit_data_parallel(fn, mesh, num_batch_args=2, donate_state=True)
+    vmapped, single = jit(seeds.over_seeds(step, 2, "vmap")), jit(step)
+    together = training.create_state(model, optimizer, config)
+    alone = [seeds.select(together, i) for i in range(2)]
+    for rows in data.epoch_batches(96, 16, 0, 0)[:3]:
+        batch = (dataset.train_images[rows], dataset.train_labels[rows])
+        together = vmapped(together, *batch)[0]
+        alone = [single(state, *batch)[0] for state in alone]
+    for i in range(2):
+        assert tree_relative_error(seeds.select(together, i), alone[i]) <= 1e-5
+    assert not tree_allclose(alone[0].params, alone[1].params, rtol=1e-3)  # the seeds differ
+
+
+def test_a_seeds_run_resumes_bit_identically(seeds_run, tmp_path):
+    config = lambda epochs: seeds_config(num_epochs=epochs, eval_batch_statistics=False)
+    training.train_and_evaluate(config(1), tmp_path)
+    training.train_and_evaluate(config(2), tmp_path)
+    assert tree_allclose(restore(tmp_path, config(2)), restore(seeds_run[0], config(2)), rtol=0)
+
+
+def test_resuming_with_another_num_seeds_names_it(straight_run, tmp_path):
+    shutil.copytree(straight_run[0] / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match=r"num_seeds=2\).*resume it with that config"):
+        training.train_and_evaluate(seeds_config(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(num_seeds=0), "config.num_seeds=0 must be a positive integer"),
+        (dict(seed_batching="pmap"), "config.seed_batching='pmap' is unknown"),
+        (dict(seed=-1), "config.seed=-1 must be a non-negative integer"),
+        (dict(lr_decay_epochs=(-1.0, 2.0)), "must hold epochs ≥ 0"),
+    ],
+)
+def test_seed_and_schedule_errors_name_the_field(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        training.train_and_evaluate(tiny_config(**overrides), tmp_path)
+
+
+def test_fractional_decay_epochs_fall_on_their_steps():
+    """The CPU protocol's compressed schedule: ÷10 at 15·150/350 and 15·300/350 epochs."""
+    config = tiny_config(learning_rate=0.1, warmup_epochs=1.0, lr_decay_epochs=(6.43, 12.86))
+    schedule = training.learning_rate_schedule(config, steps_per_epoch=100)
+    np.testing.assert_allclose(
+        [schedule(s) for s in (642, 643, 1285, 1286)], [0.1, 0.01, 0.01, 0.001], rtol=1e-6
+    )
