@@ -1,0 +1,190 @@
+"""The paper's Figures 1, 4 and 5 from a trained run: an evolved kernel at every weight step.
+
+From a run directory of an ANODEV2 model (variant anodev2_conf1 or anodev2_conf2, or any
+config whose ODE blocks evolve their weights), :func:`kernel_evolution` restores the last
+checkpoint and solves the block's weight ODE from the trained w0 and p,
+w_{m+1} = Φ_δ(w_m; p) for m = 0 … Nw-1 (``solve.weight_trajectory``), and
+:func:`plot_kernel_evolution` draws one input channel of one output filter of one kernel at
+t = m/Nw, with the learned d = softplus(diffusion), v = (vx, vy) and ρ in the caption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from anodev2_jax import evolution as evolution_lib
+from anodev2_jax import paper, training
+from anodev2_jax import seeds as seeds_lib
+from anodev2_jax import solve as solve_lib
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelEvolution:
+    """One kernel slice along the weight trajectory of a trained ODE block.
+
+    ``kernels``: (Nw + 1, kh, kw) float64, w_m[:, :, in_channel, out_channel] for m = 0 … Nw;
+    ``times``: (Nw + 1,) t = m / Nw; ``coefficients``: the learned d, vx, vy, rho of the
+    kernel (of ``out_channel`` when the RDA is per channel).
+    """
+
+    model: str
+    variant: str
+    seed: int
+    block: str
+    kernel: str
+    in_channel: int
+    out_channel: int
+    kernels: np.ndarray
+    times: np.ndarray
+    coefficients: dict[str, float]
+
+
+def run_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The training config of a run: its results.json's, or the harness's config.json."""
+    for name, key in (("results.json", "config"), ("config.json", None)):
+        path = workdir / name
+        if path.exists():
+            saved = json.loads(path.read_text())
+            return ml_collections.ConfigDict(saved[key] if key else saved)
+    raise ValueError(
+        f"{workdir} has neither results.json nor config.json: pass the --workdir of a run "
+        "(train.py or reproduce.py)"
+    )
+
+
+def restore_params(workdir: Path, config: ml_collections.ConfigDict, seed_index: int) -> PyTree:
+    """The parameters of seed ``seed_index`` (0-based) in the run's last checkpoint."""
+    if not 0 <= seed_index < config.num_seeds:
+        raise ValueError(
+            f"--seed_index={seed_index}: the run in {workdir} has num_seeds={config.num_seeds} "
+            f"(seeds {config.seed}–{config.seed + config.num_seeds - 1}); use 0 … "
+            f"{config.num_seeds - 1}"
+        )
+    manager = training.checkpoint_manager(workdir / "checkpoints")
+    if manager.latest_step() is None:
+        raise ValueError(f"{workdir / 'checkpoints'} holds no checkpoint; train the run first")
+    model = training.model_from_config(config)
+    optimizer = training.make_optimizer(config, steps_per_epoch=1)  # the state's structure only
+    template = jax.eval_shape(lambda: training.create_state(model, optimizer, config))
+    state = training.restore_checkpoint(manager, template)
+    manager.close()
+    params = state.params
+    return seeds_lib.select(params, seed_index) if config.num_seeds > 1 else params
+
+
+def kernel_evolution(
+    workdir: str | os.PathLike,
+    *,
+    seed_index: int = 0,
+    block: str | None = None,
+    kernel: str | None = None,
+    in_channel: int = 0,
+    out_channel: int = 0,
+) -> KernelEvolution:
+    """The trained kernel ``kernel`` of ODE block ``block`` along t = 0 … 1.
+
+    block: a module name with evolved weights (default: the first, e.g. ResNet's
+    "layer1_1"); kernel: one of its kernels (default: the first, e.g. "conv1").
+    """
+    workdir = Path(workdir)
+    config = run_config(workdir)
+    model = training.model_from_config(config)
+    ode = model.ode
+    if ode is None or isinstance(ode.evolution, evolution_lib.Zero):
+        raise ValueError(
+            f"the run in {workdir} is {config.model} {config.variant}, whose weights do not "
+            "evolve (static θ); pass the run of an anodev2_conf1 or anodev2_conf2 model"
+        )
+    params = restore_params(workdir, config, seed_index)
+    blocks = sorted(name for name, sub in params.items() if isinstance(sub, dict) and "p" in sub)
+    block = blocks[0] if block is None else block
+    if block not in blocks:
+        raise ValueError(f"block={block!r} has no evolved weights; use one of {blocks}")
+    w0, p = params[block]["w0"], params[block]["p"]
+    kernel = sorted(w0)[0] if kernel is None else kernel
+    if kernel not in w0:
+        raise ValueError(f"kernel={kernel!r} is not in block {block}; use one of {sorted(w0)}")
+    cin, cout = w0[kernel].shape[2:]
+    if not (0 <= in_channel < cin and 0 <= out_channel < cout):
+        raise ValueError(
+            f"in_channel={in_channel}, out_channel={out_channel}: kernel {block}/{kernel} has "
+            f"{cin} input and {cout} output channels"
+        )
+    num_w_steps = ode.plan().num_w_steps
+    ws = solve_lib.weight_trajectory(ode.evolution, w0, p, num_w_steps, num_w_steps)
+    kernels = np.stack([np.asarray(w[kernel][:, :, in_channel, out_channel]) for w in ws])
+    coefficients = {}
+    for name, value in p[kernel].items():
+        value = np.asarray(value)
+        value = value[out_channel] if value.ndim else value
+        coefficients[name] = float(value)
+    if "diffusion" in coefficients:  # stored unconstrained: d = softplus(diffusion) ≥ 0
+        coefficients = {"d": float(jax.nn.softplus(coefficients.pop("diffusion"))), **coefficients}
+    return KernelEvolution(
+        model=config.model,
+        variant=config.variant,
+        seed=config.seed + seed_index,
+        block=block,
+        kernel=kernel,
+        in_channel=in_channel,
+        out_channel=out_channel,
+        kernels=kernels.astype(np.float64),
+        times=np.arange(num_w_steps + 1) / num_w_steps,
+        coefficients=coefficients,
+    )
+
+
+def caption(evolution: KernelEvolution) -> str:
+    """'learned d = …, v = (vx, vy) = (…, …), ρ = …' (or the operator's own parameters)."""
+    c = evolution.coefficients
+    if {"d", "vx", "vy", "rho"} <= set(c):
+        return (
+            f"learned d = {c['d']:.4g}, v = (vx, vy) = ({c['vx']:.4g}, {c['vy']:.4g}), "
+            f"ρ = {c['rho']:.4g}"
+        )
+    return "learned " + ", ".join(f"{name} = {value:.4g}" for name, value in c.items())
+
+
+def plot_kernel_evolution(evolution: KernelEvolution) -> Any:
+    """A matplotlib Figure: one panel per weight step, one colour scale, the caption below."""
+    from matplotlib.figure import Figure
+
+    count = len(evolution.times)
+    figure = Figure(figsize=(1.6 * count + 0.8, 2.6), layout="constrained")
+    axes = figure.subplots(1, count, squeeze=False)[0]
+    limit = float(np.max(np.abs(evolution.kernels))) or 1.0
+    for ax, t, w in zip(axes, evolution.times, evolution.kernels, strict=True):
+        image = ax.imshow(w, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"t = {t:.2g}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(image, ax=list(axes), shrink=0.8)
+    name = paper.MODEL_NAMES.get(evolution.model, evolution.model)
+    figure.suptitle(
+        f"{name} {evolution.variant}, seed {evolution.seed}: {evolution.block}/"
+        f"{evolution.kernel}[:, :, {evolution.in_channel}, {evolution.out_channel}]",
+        fontsize=10,
+    )
+    figure.supxlabel(caption(evolution), fontsize=9)
+    return figure
+
+
+def save_figure(figure: Any, out: str | os.PathLike, dpi: int = 150) -> Path:
+    """Write the figure to ``out`` (format from its suffix) via a temp file, then rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=out.suffix, delete=False) as tmp:
+        figure.savefig(tmp.name, dpi=dpi)
+    os.replace(tmp.name, out)
+    return out

@@ -1,0 +1,40 @@
+"""Remake the paper's Figures 1, 4, 5 from a trained run: an evolved kernel at t = 0 … 1.
+
+    python figures.py --workdir=runs/repro/resnet4-anodev2_conf1 --out=docs/figure4.png
+
+Plots input channel --in_channel of output filter --out_channel of the first evolved kernel
+of the first ODE block (or --block, --kernel) of seed --seed_index of the run, at every weight
+step of the trained block, with the learned d, v, ρ in the caption (anodev2_jax/figures.py).
+"""
+
+from absl import app, flags
+
+from anodev2_jax import figures
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory (train.py or one cell of reproduce.py).")
+flags.DEFINE_string("out", None, "Output image, e.g. docs/figure4.png (format from the suffix).")
+flags.DEFINE_integer("seed_index", 0, "Which seed of a num_seeds run (0 = its config.seed).")
+flags.DEFINE_string("block", None, "ODE block (default: the first with evolved weights).")
+flags.DEFINE_string("kernel", None, "Kernel of the block (default: its first, e.g. conv1).")
+flags.DEFINE_integer("in_channel", 0, "Input channel of the kernel to plot.")
+flags.DEFINE_integer("out_channel", 0, "Output channel (filter) of the kernel to plot.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    del argv
+    evolution = figures.kernel_evolution(
+        FLAGS.workdir,
+        seed_index=FLAGS.seed_index,
+        block=FLAGS.block,
+        kernel=FLAGS.kernel,
+        in_channel=FLAGS.in_channel,
+        out_channel=FLAGS.out_channel,
+    )
+    out = figures.save_figure(figures.plot_kernel_evolution(evolution), FLAGS.out)
+    print(f"{out}: {figures.caption(evolution)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
