@@ -71,9 +71,10 @@ def restore_params(workdir: Path, config: ml_collections.ConfigDict, seed_index:
             f"(seeds {config.seed}–{config.seed + config.num_seeds - 1}); use 0 … "
             f"{config.num_seeds - 1}"
         )
-    manager = training.checkpoint_manager(workdir / "checkpoints")
-    if manager.latest_step() is None:
-        raise ValueError(f"{workdir / 'checkpoints'} holds no checkpoint; train the run first")
+    directory = workdir / "checkpoints"
+    manager = training.checkpoint_manager(directory) if directory.is_dir() else None
+    if manager is None or manager.latest_step() is None:
+        raise ValueError(f"{directory} holds no checkpoint; train the run first")
     model = training.model_from_config(config)
     optimizer = training.make_optimizer(config, steps_per_epoch=1)  # the state's structure only
     template = jax.eval_shape(lambda: training.create_state(model, optimizer, config))

@@ -265,7 +265,7 @@ def _epochs_done(cell: Cell) -> float:
     if not checkpoints.is_dir():
         return 0.0
     steps = [int(path.name) for path in checkpoints.iterdir() if path.name.isdigit()]
-    records = training._read_metrics(cell.workdir / "metrics.jsonl")
+    records = training.read_metrics(cell.workdir / "metrics.jsonl")
     steps_per_epoch = next(
         (r["step"] for r in records if r["kind"] == "test" and r.get("epoch") == 1), None
     )

@@ -504,7 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     local = parallel.process_slice(config.batch_size)
     # Every process reads it (orbax needs a workdir all processes share) so all return the same.
-    best_accuracy = _best_accuracies(_read_metrics(workdir / "metrics.jsonl"), seeds)
+    best_accuracy = _best_accuracies(read_metrics(workdir / "metrics.jsonl"), seeds)
     test_metrics: list[dict[str, float]] = []
     step = state_step(state)
     with stop_requests() as stop:
@@ -679,7 +679,10 @@ def _batch_statistics_check(
     return accuracies
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (none if absent). A resumed run appends the steps after
+    its checkpoint again: where a (kind, step, seed) repeats, the later record is the one of
+    the finished run."""
     if not path.exists():
         return []
     records = []

@@ -46,8 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     # num_seeds = k trains seeds seed, ..., seed + k - 1 in one compiled program, each with
     # its own initialization and augmentation, all on the batches of one data order
     # (anodev2_jax.seeds). seed_batching: loop (the seeds' steps one after another inside the
-    # program) | vmap | auto (loop on the CPU, where vmap makes grouped convolutions, vmap on
-    # GPU/TPU). data_seed: the data order's seed (and the synthetic data's), default seed.
+    # program, unrolled) | vmap | auto (loop on the CPU, where vmap makes grouped convolutions;
+    # vmap on GPU/TPU). data_seed: the data order's seed (and the synthetic data's), default seed.
     config.num_seeds = 1
     config.seed_batching = "auto"
     config.data_seed = config_dict.placeholder(int)

@@ -18,7 +18,7 @@ TRAINING = {
     "log_every_steps": 2,
     "learning_rate": 0.02,
     "progress_bar": False,
-    "seed_batching": "vmap",  # one copy of the step to compile (the loop compiles one per seed)
+    "seed_batching": "vmap",  # vmap end to end here; tests/test_training.py runs the loop
     "max_checkpoints_to_keep": 2,
 }
 
