@@ -240,7 +240,8 @@ def run(
             f"[{len(cells) - len(todo) + i}/{len(cells)} done, elapsed "
             f"{_duration(time.time() - start)}, {eta}] {cell.name}: "
             f"{'resuming' if statuses[cell.name] == 'started' else 'starting'}, seeds "
-            f"{seed_range_text(cell)}, {cell.config.num_epochs} epochs, in {cell.workdir}"
+            f"{seed_range_text(cell)}, {_plural(cell.config.num_epochs, 'epoch')}, "
+            f"in {cell.workdir}"
         )
         cell.workdir.mkdir(parents=True, exist_ok=True)
         if not (cell.workdir / CONFIG_FILE).exists():
@@ -509,3 +510,7 @@ def seed_range_text(cell: Cell) -> str:
     """'0–2' (or '0' for one seed): the seeds of a cell."""
     seeds = seeds_lib.seed_list(cell.config.seed, cell.config.num_seeds)
     return f"{seeds[0]}–{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
