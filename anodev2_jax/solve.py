@@ -267,9 +267,7 @@ def _otd(
             for i, (a_row, b_i) in enumerate(zip(tableau.a, tableau.b, strict=True)):
                 m = plan.stage_indices[n][i]
                 z_i, a_i = stepping.axpy((z, a), -h, list(zip(a_row, ks, strict=False)))
-                dz, vjp = jax.vjp(
-                    functools.partial(field, k=n * num_stages + i), z_i, ws[m], args
-                )
+                dz, vjp = jax.vjp(functools.partial(field, k=n * num_stages + i), z_i, ws[m], args)
                 gz, gtheta, gargs = vjp(a_i)
                 ks.append((dz, jax.tree.map(jnp.negative, gz)))
                 if b_i:
@@ -356,7 +354,7 @@ def check_inputs(
                     "needs float32 or float64 arrays"
                 )
     evolution.check(w0, p)
-    out = jax.eval_shape(f, z0, w0, args, 0)
+    out = jax.eval_shape(lambda z, theta, args: f(z, theta, args, 0), z0, w0, args)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError("has_aux=True needs f to return a pair (dz/dt, aux)")

@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-import warnings
 from flax import struct
 
 from anodev2_jax import data as data_lib
@@ -73,6 +73,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{name}={value!r} must be a positive integer")
     if config.learning_rate <= 0:
         raise ValueError(f"config.learning_rate={config.learning_rate} must be positive")
+    if config.grad_clip_norm is not None and not config.grad_clip_norm > 0:
+        raise ValueError(
+            f"config.grad_clip_norm={config.grad_clip_norm} must be positive (or None: no clipping)"
+        )
     if config.warmup_epochs < 0:
         raise ValueError(f"config.warmup_epochs={config.warmup_epochs} must be ≥ 0")
     if list(config.lr_decay_epochs) != sorted(config.lr_decay_epochs):
@@ -112,8 +116,13 @@ def learning_rate_schedule(
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """SGD with momentum and (PyTorch-style, coupled) weight decay on every parameter."""
+    """SGD with momentum and (PyTorch-style, coupled) weight decay on every parameter; the
+    loss gradient first clipped to global norm ``config.grad_clip_norm`` when it is set."""
+    clip = (
+        [] if config.grad_clip_norm is None else [optax.clip_by_global_norm(config.grad_clip_norm)]
+    )
     return optax.chain(
+        *clip,
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
     )
@@ -213,28 +222,37 @@ def restore_checkpoint(
     the checkpoint and the model raises ValueError.
     """
     step = manager.latest_step()
-    saved = manager.item_metadata(step)
-    saved_stats = dict(saved.tree if hasattr(saved, "tree") else saved)["batch_stats"]
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
-    try:
-        saved_shapes = jax.tree.map(lambda m, _: tuple(m.shape), saved_stats, template.batch_stats)
-    except ValueError as error:
-        raise ValueError(
-            f"the checkpoint at step {step} in {manager.directory} holds BatchNorm statistics "
-            f"for other layers than this model's; it was written by a different config.model "
-            f"or variant: resume it with that config, or use a new workdir ({error})"
-        ) from None
-    legacy = jax.tree.map(
-        lambda shape, t: len(shape) == 1 and t.ndim == 2 and shape == t.shape[1:],
-        saved_shapes,
-        template.batch_stats,
+    saved_stats = manager.item_metadata(step).tree["batch_stats"]
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
     )
-    if not any(jax.tree.leaves(legacy)):
+    template_leaves, treedef = jax.tree.flatten(template.batch_stats)
+    is_array = lambda x: hasattr(x, "shape")
+    saved_paths, paths = (
+        {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(t, is_array)}
+        for t in (saved_stats, template.batch_stats)
+    )
+    if saved_paths != paths:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} holds the BatchNorm "
+            f"statistics of other layers than this model's (only in the checkpoint: "
+            f"{sorted(saved_paths - paths)}; only in the model: {sorted(paths - saved_paths)}): "
+            "it was written by a different config.model or variant; resume it with that "
+            "config, or use a new workdir"
+        )
+    saved_shapes = [tuple(m.shape) for m in jax.tree.leaves(saved_stats, is_leaf=is_array)]
+    legacy = [
+        len(shape) == 1 and t.ndim == 2 and shape == t.shape[1:]
+        for shape, t in zip(saved_shapes, template_leaves, strict=True)
+    ]
+    if not any(legacy):
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    stats = jax.tree.map(
-        lambda shape, t: jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding),
-        saved_shapes,
-        template.batch_stats,
+    stats = jax.tree.unflatten(
+        treedef,
+        [
+            jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding)
+            for shape, t in zip(saved_shapes, template_leaves, strict=True)
+        ],
     )
     state = manager.restore(
         step, args=ocp.args.StandardRestore(abstract.replace(batch_stats=stats))
@@ -247,7 +265,9 @@ def restore_checkpoint(
         stacklevel=2,
     )
     per_evaluation = jax.jit(
-        lambda tree: jax.tree.map(lambda x, t: jnp.broadcast_to(x, t.shape), tree, template.batch_stats),
+        lambda tree: jax.tree.map(
+            lambda x, t: jnp.broadcast_to(x, t.shape), tree, template.batch_stats
+        ),
         out_shardings=sharding,
     )
     return state.replace(batch_stats=per_evaluation(state.batch_stats))
