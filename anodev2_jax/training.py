@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-import warnings
 from flax import struct
 
+from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import data as data_lib
 from anodev2_jax import host_malloc, models, parallel
 
@@ -87,6 +88,18 @@ def model_from_config(config: ml_collections.ConfigDict) -> Any:
         for name in ("num_z_steps", "num_w_steps", "method", "gradient", "norm_params")
         if config[name] is not None
     }
+    # The time kernel K of θ = ∫ K(t-τ) w(τ) dτ; "dirac" (θ = w) is every variant's own.
+    if config.kernel == "dirac" and config.kernel_rate is not None:
+        raise ValueError(
+            f"config.kernel_rate={config.kernel_rate} is set, but config.kernel='dirac' has no "
+            "rate; use --config.kernel=exponential (or dirac+exponential), or drop kernel_rate"
+        )
+    if config.kernel != "dirac":
+        rate = 1.0 if config.kernel_rate is None else config.kernel_rate
+        try:
+            overrides["coupling"] = coupling_lib.make_coupling(config.kernel, rate)
+        except ValueError as e:
+            raise ValueError(f"config.{e}") from e
     return models.create_model(
         config.model,
         config.variant,
@@ -215,7 +228,9 @@ def restore_checkpoint(
     step = manager.latest_step()
     saved = manager.item_metadata(step)
     saved_stats = dict(saved.tree if hasattr(saved, "tree") else saved)["batch_stats"]
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
+    )
     try:
         saved_shapes = jax.tree.map(lambda m, _: tuple(m.shape), saved_stats, template.batch_stats)
     except ValueError as error:
@@ -247,7 +262,9 @@ def restore_checkpoint(
         stacklevel=2,
     )
     per_evaluation = jax.jit(
-        lambda tree: jax.tree.map(lambda x, t: jnp.broadcast_to(x, t.shape), tree, template.batch_stats),
+        lambda tree: jax.tree.map(
+            lambda x, t: jnp.broadcast_to(x, t.shape), tree, template.batch_stats
+        ),
         out_shardings=sharding,
     )
     return state.replace(batch_stats=per_evaluation(state.batch_stats))

@@ -120,6 +120,9 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         (dict(lr_decay_epochs=(3, 1)), "must be increasing"),
         (dict(dtype="bfloat16"), "config.dtype='bfloat16'"),
         (dict(cpu_malloc="fast"), "config.cpu_malloc='fast' is unknown"),
+        (dict(kernel="gauss"), r"config.kernel='gauss' is unknown; use one of \('dirac'"),
+        (dict(kernel="exponential", kernel_rate=0.0), "config.kernel_rate=0.0 must be"),
+        (dict(kernel_rate=2.0), "kernel='dirac' has no rate; use --config.kernel=exponential"),
     ],
 )
 def test_config_errors_name_the_field_before_compiling(tmp_path, overrides, message):
