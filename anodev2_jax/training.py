@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import struct
 
+from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import data as data_lib
 from anodev2_jax import host_malloc, models, parallel
 
@@ -91,6 +92,18 @@ def model_from_config(config: ml_collections.ConfigDict) -> Any:
         for name in ("num_z_steps", "num_w_steps", "method", "gradient", "norm_params")
         if config[name] is not None
     }
+    # The time kernel K of θ = ∫ K(t-τ) w(τ) dτ; "dirac" (θ = w) is every variant's own.
+    if config.kernel == "dirac" and config.kernel_rate is not None:
+        raise ValueError(
+            f"config.kernel_rate={config.kernel_rate} is set, but config.kernel='dirac' has no "
+            "rate; use --config.kernel=exponential (or dirac+exponential), or drop kernel_rate"
+        )
+    if config.kernel != "dirac":
+        rate = 1.0 if config.kernel_rate is None else config.kernel_rate
+        try:
+            overrides["coupling"] = coupling_lib.make_coupling(config.kernel, rate)
+        except ValueError as e:
+            raise ValueError(f"config.{e}") from e
     return models.create_model(
         config.model,
         config.variant,

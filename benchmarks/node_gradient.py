@@ -68,7 +68,7 @@ def main() -> None:
         if step % flags.every == 0:
             loss, otd = gradient(node, state, *batch)
             _, dto = gradient(anode, state, *batch)
-            dot = sum(jnp.vdot(a, b) for a, b in zip(*map(jax.tree.leaves, (otd, dto))))
+            dot = optax.tree.vdot(otd, dto)
             norms = [float(optax.tree.norm(g)) for g in (otd, dto)]
             error = float(optax.tree.norm(jax.tree.map(jnp.subtract, otd, dto))) / norms[1]
             print(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tree_allclose, tree_relative_error
 
-from anodev2_jax import MLP, RDA, Linear, Zero, models
+from anodev2_jax import MLP, RDA, Dirac, DiracPlus, Exponential, Linear, Mixing, Zero, models
 from anodev2_jax import conv as conv_lib
 from anodev2_jax import normalization as norm_lib
 
@@ -101,6 +101,22 @@ def test_parameter_counts_of_every_model_and_variant(name):
 def test_other_evolutions_add_their_parameters_per_kernel(evolution, extra):
     model = models.create_model("resnet4", "anodev2_conf2", evolution=evolution)
     assert models.count_params(abstract_variables(model)["params"]) == 7_706 + extra
+
+
+@pytest.mark.parametrize("coupling, extra", [(Dirac(), 0), (Exponential(), 1), (DiracPlus(), 2)])
+def test_a_time_kernel_adds_its_parameters_and_they_train(coupling, extra):
+    """θ = ∫ K(t-τ) w(τ) dτ: the kernel's parameters sit in the block's params as "coupling"
+    and get a gradient from a jitted training step (conf2: θ_Nw mixes all of w_0..w_10)."""
+    model = models.create_model("resnet4", "anodev2_conf2", coupling=coupling)
+    assert models.count_params(abstract_variables(model)["params"]) == 7_714 + extra
+    if not extra:
+        return
+    x = images(jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    step = jax.jit(jax.grad(train_loss(model, variables, x), has_aux=True))
+    grads, _ = step(variables["params"])
+    kernel_grads = jax.tree.leaves(grads["layer1_1"]["coupling"])
+    assert len(kernel_grads) == extra and all(float(jnp.abs(g)) > 0 for g in kernel_grads)
 
 
 def test_running_statistics_are_not_parameters_and_are_kept_per_evaluation():
@@ -198,6 +214,8 @@ def test_conv_impl_reaches_every_convolution(monkeypatch):
         (("resnet4", "anodev2_conf1"), {"method": "rk2"}, "not on the weight grid"),
         (("resnet4", "anode"), {"evolution": "rda"}, "not an evolution operator"),
         (("resnet4", "anode"), {"norm_params": "per_step"}, "norm_params='per_step' is unknown"),
+        (("resnet4", "anode"), {"coupling": "exponential"}, "coupling='exponential' is not a"),
+        (("resnet4", "anode"), {"coupling": Mixing(np.eye(6))}, r"pass a \(3, 3\) matrix"),
         (("resnet4", "anode"), {"conv_impl": "cudnn"}, "conv_impl='cudnn' is unknown"),
         (("resnet4", "anode"), {"dtype": jnp.float16}, "float32 or float64"),
     ],

@@ -125,6 +125,9 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         (dict(norm_params="per_step"), "norm_params='per_step' is unknown"),
         (dict(grad_clip_norm=0.0), "config.grad_clip_norm=0.0 must be positive"),
         (dict(variant="baseline", norm_params="per_evaluation"), "takes no ODE options"),
+        (dict(kernel="gauss"), r"config.kernel='gauss' is unknown; use one of \('dirac'"),
+        (dict(kernel="exponential", kernel_rate=0.0), "config.kernel_rate=0.0 must be"),
+        (dict(kernel_rate=2.0), "kernel='dirac' has no rate; use --config.kernel=exponential"),
     ],
 )
 def test_config_errors_name_the_field_before_compiling(tmp_path, overrides, message):
