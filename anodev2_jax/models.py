@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anodev2_jax import conv as conv_lib
+from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import evolution as evolution_lib
 from anodev2_jax import normalization as norm_lib
 from anodev2_jax import solve as solve_lib
@@ -55,8 +56,11 @@ class ODEConfig:
 
     ``num_w_steps=None`` means Nw = Nz. ``norm_params``: "shared" (one BatchNorm scale and
     offset for all of a block's f evaluations) or "per_evaluation" (one per evaluation);
-    the running statistics are per evaluation either way. Validated on construction
-    (``make_plan``), so a bad combination fails before any tracing.
+    the running statistics are per evaluation either way. ``coupling``: θ from the weight
+    trajectory, θ(t) = ∫_0^t K(t-τ) w(τ) dτ (eq. 2.3d): ``Dirac()`` (θ = w, the paper's
+    experiments) or e.g. ``Exponential()`` (an extension beyond them; its parameters are
+    learned with the block's). Validated on construction (``make_plan``, the coupling's
+    grid), so a bad combination fails before any tracing.
     """
 
     num_z_steps: int = 2
@@ -66,6 +70,7 @@ class ODEConfig:
     gradient: str = "dto"
     evolution: evolution_lib.Evolution = dataclasses.field(default_factory=evolution_lib.Zero)
     norm_params: str = "shared"
+    coupling: coupling_lib.Coupling = dataclasses.field(default_factory=coupling_lib.Dirac)
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, str):
@@ -83,7 +88,12 @@ class ODEConfig:
                 f"evolution={self.evolution!r} is not an evolution operator; pass e.g. "
                 "anodev2_jax.RDA() or anodev2_jax.Zero()"
             )
-        self.plan()
+        if not isinstance(self.coupling, coupling_lib.Coupling):
+            raise ValueError(
+                f"coupling={self.coupling!r} is not a coupling; pass e.g. anodev2_jax.Dirac() "
+                "(θ = w) or anodev2_jax.Exponential()"
+            )
+        self.coupling.check_grid(self.plan().num_w_steps)
 
     def plan(self) -> solve_lib.Plan:
         """The validated step plan (raises ValueError naming the fix)."""
@@ -216,11 +226,13 @@ class ODEBlock(nn.Module):
     """A residual block with C channels in and out; an ODE block when ``ode`` is set.
 
     ``ode=None``: z1 = post(z0 + f(z0; w0)) (the plain residual block, the baseline).
-    Otherwise: z1 = post(z(1)) of the coupled solve dz/dt = f(z, θ), dw/dt = q(w; p), θ = w.
+    Otherwise: z1 = post(z(1)) of the coupled solve dz/dt = f(z, θ), dw/dt = q(w; p),
+    θ = ∫_0^t K(t-τ) w(τ) dτ (θ = w for the default Dirac coupling).
     ``field``: "resnet" (basic block, post = ReLU) or "alexnet" (5x5 conv, post = identity).
 
     Variables: params {"w0": {kernel name: (k, k, C, C)}, "p": evolution parameters (absent
-    when the evolution has none), "bn1", "bn2" | "bn": {"scale", "bias"}, AlexNet's "bias"};
+    when the evolution has none), "coupling": the time kernel's parameters (absent for Dirac),
+    "bn1", "bn2" | "bn": {"scale", "bias"}, AlexNet's "bias"};
     batch_stats {"bn1", "bn2" | "bn": {"mean", "var"}}. BatchNorm variables are (C,) in the
     plain block; in an ODE block the running statistics are (E, C), one row per f
     evaluation (E = Nz·stages), and so are scale and offset with
@@ -283,6 +295,10 @@ class ODEBlock(nn.Module):
             p = None
             if _has_params(evolution, w0):
                 p = self.param("p", lambda key: evolution.init(w0, key))
+            coupling = self.ode.coupling
+            coupling_params = None
+            if _has_params(coupling, w0):
+                coupling_params = self.param("coupling", lambda key: coupling.init(w0, key))
             z1, auxs = solve_lib.coupled_solve(
                 f,
                 z,
@@ -290,6 +306,8 @@ class ODEBlock(nn.Module):
                 p,
                 args,
                 evolution=evolution,
+                coupling=coupling,
+                coupling_params=coupling_params,
                 num_z_steps=self.ode.num_z_steps,
                 num_w_steps=self.ode.num_w_steps,
                 schedule=self.ode.schedule,
@@ -329,8 +347,8 @@ def ode_block_replaced(z1: Array) -> Iterator[list[Array]]:
         yield block_inputs
 
 
-def _has_params(evolution: evolution_lib.Evolution, w0: PyTree) -> bool:
-    shapes = jax.eval_shape(lambda key: evolution.init(w0, key), jax.random.key(0))
+def _has_params(op: evolution_lib.Evolution | coupling_lib.Coupling, w0: PyTree) -> bool:
+    shapes = jax.eval_shape(lambda key: op.init(w0, key), jax.random.key(0))
     return bool(jax.tree.leaves(shapes))
 
 
@@ -448,7 +466,7 @@ def create_model(
     """The model ``name`` (one of MODELS) in the paper's ``variant`` (one of VARIANTS).
 
     ``ode_overrides``: any ODEConfig field (num_z_steps, num_w_steps, schedule, method,
-    gradient, evolution) replacing the variant's value, e.g.
+    gradient, evolution, norm_params, coupling) replacing the variant's value, e.g.
     ``create_model("resnet4", "anode", num_z_steps=4, method="rk2")``.
     """
     if name not in _MODEL_CLASSES:

@@ -109,7 +109,8 @@ def cell_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """The training config of one cell: ``base`` (configs/MODEL.py) with the protocol's
-    variant, seeds, epochs (schedule compressed) and training fields, then ``overrides``."""
+    variant, seeds, epochs (schedule compressed), training fields and the variant's own
+    training fields, then ``overrides``."""
     config = copy.deepcopy(base)
     config.variant = variant
     config.seed = protocol.first_seed
@@ -118,7 +119,12 @@ def cell_config(
         scale = protocol.num_epochs / base.num_epochs
         config.num_epochs = protocol.num_epochs
         config.lr_decay_epochs = tuple(epoch * scale for epoch in base.lr_decay_epochs)
-    sources = (("protocol.training", dict(protocol.training)), ("--set", overrides or {}))
+    per_variant = protocol.variant_training.get(variant, {})
+    sources = (
+        ("protocol.training", dict(protocol.training)),
+        (f"protocol.variant_training.{variant}", dict(per_variant)),
+        ("--set", overrides or {}),
+    )
     for source, fields in sources:
         for name, value in fields.items():
             if name not in config:

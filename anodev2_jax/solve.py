@@ -1,7 +1,8 @@
 """coupled_solve: the discrete coupled map of SPEC §2, with DTO and OTD gradients.
 
     w_{m+1} = Φ_δ(w_m; p),            m = 0..Nw-1,   δ = 1/Nw
-    z_{n+1} = RK step of f(·, θ) from z_n with step h = 1/Nz, stage i using θ = w_{m(n) + c_i Nw/Nz}
+    θ_j     = Σ_{m ≤ j} κ_{j,m} w_m   (the coupling, eq. 2.3d; Dirac: θ_j = w_j)
+    z_{n+1} = RK step of f(·, θ) from z_n, step h = 1/Nz, stage i using θ_j, j = m(n) + c_i Nw/Nz
 
 All loops are Python-unrolled over the few fixed steps: on XLA:CPU the backward pass of a
 ``lax.scan`` was measured 16-55x slower (../shared/bench/README.md).
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import evolution as evolution_lib
 from anodev2_jax import stepping
 
@@ -31,7 +33,8 @@ GRADIENTS = ("dto", "otd", "backprop")
 class Plan:
     """Static description of one coupled solve.
 
-    ``stage_indices[n][i]`` is the weight index m whose w_m is θ at stage i of z-step n.
+    ``stage_indices[n][i]`` is the weight index j whose θ_j stage i of z-step n uses (θ_j = w_j
+    for the Dirac coupling).
     """
 
     num_z_steps: int
@@ -146,11 +149,32 @@ def weight_trajectory(
     return ws
 
 
+def theta_trajectory(
+    coupling: coupling_lib.Coupling,
+    evolution: evolution_lib.Evolution,
+    w0: PyTree,
+    p: PyTree,
+    c: PyTree,
+    num_w_steps: int,
+    count: int,
+) -> tuple[list[PyTree], list[PyTree]]:
+    """([θ_0, ..., θ_count], [w_0, ..., w_count]): the weights and the coupling's θ_j of them
+    (for the one-hot Dirac coupling the θ list holds the w_m themselves)."""
+    ws = weight_trajectory(evolution, w0, p, num_w_steps, count)
+    return coupling.theta_trajectory(ws, c, num_w_steps), ws
+
+
 def _z_trajectory(
-    f: Callable[..., Any], z0: PyTree, ws: Sequence[PyTree], args: Any, plan: Plan, has_aux: bool
+    f: Callable[..., Any],
+    z0: PyTree,
+    thetas: Sequence[PyTree],
+    args: Any,
+    plan: Plan,
+    has_aux: bool,
 ) -> tuple[list[PyTree], list[Any]]:
     """[z_0, ..., z_Nz] and the aux output of every f evaluation (in order of evaluation).
 
+    Stage i of z-step n uses θ_j = ``thetas[j]``, j = plan.stage_indices[n][i].
     ``f(z, theta, args, k)`` takes the evaluation index k (see :func:`coupled_solve`).
     """
     h = 1.0 / plan.num_z_steps
@@ -168,24 +192,32 @@ def _z_trajectory(
 
     num_stages = len(plan.tableau.b)
     for n, row in enumerate(plan.stage_indices):
-        fields = [field(ws[m], n * num_stages + i) for i, m in enumerate(row)]
+        fields = [field(thetas[j], n * num_stages + i) for i, j in enumerate(row)]
         zs.append(stepping.rk_step(fields, zs[-1], h, plan.tableau))
     return zs, auxs
 
 
-def _forward(
-    f: Callable[..., Any],
-    evolution: evolution_lib.Evolution,
-    plan: Plan,
-    has_aux: bool,
-    z0: PyTree,
-    w0: PyTree,
-    p: PyTree,
-    args: Any,
-) -> tuple[PyTree, tuple[Any, ...]]:
-    ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
-    zs, auxs = _z_trajectory(f, z0, ws, args, plan, has_aux)
-    return zs[-1], tuple(auxs)
+class _Solver(NamedTuple):
+    """The static pieces of one coupled solve (hashable: f, operators, plan, flags)."""
+
+    f: Callable[..., Any]
+    evolution: evolution_lib.Evolution
+    coupling: coupling_lib.Coupling
+    plan: Plan
+    has_aux: bool
+
+    def thetas(self, w0: PyTree, p: PyTree, c: PyTree) -> list[PyTree]:
+        """[θ_0, ..., θ_M], M = plan.num_w_needed."""
+        plan = self.plan
+        return theta_trajectory(
+            self.coupling, self.evolution, w0, p, c, plan.num_w_steps, plan.num_w_needed
+        )[0]
+
+    def forward(
+        self, z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any
+    ) -> tuple[PyTree, tuple[Any, ...]]:
+        zs, auxs = _z_trajectory(self.f, z0, self.thetas(w0, p, c), args, self.plan, self.has_aux)
+        return zs[-1], tuple(auxs)
 
 
 # -- DTO: exact gradient, recomputing the block in the backward pass -------------------------------
@@ -202,19 +234,16 @@ def _after(xs: PyTree, ct: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), xs)
 
 
-def _dto(
-    f: Callable[..., Any], evolution: evolution_lib.Evolution, plan: Plan, has_aux: bool
-) -> Callable[..., Any]:
-    def forward(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
-        return _forward(f, evolution, plan, has_aux, z0, w0, p, args)
+def _dto(solver: _Solver) -> Callable[..., Any]:
+    forward = solver.forward
 
     @jax.custom_vjp
-    def solve(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
-        return forward(z0, w0, p, args)
+    def solve(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
+        return forward(z0, w0, p, c, args)
 
-    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
+    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
         # Keep only the block's inputs: O(1) per block instead of O(Nz) activations.
-        return forward(z0, w0, p, args), (z0, w0, p, args)
+        return forward(z0, w0, p, c, args), (z0, w0, p, c, args)
 
     def solve_bwd(inputs: Any, cts: Any) -> Any:
         ct_z1 = cts[0]
@@ -227,64 +256,57 @@ def _dto(
 
 
 # -- OTD: the Neural ODE adjoint of Chen et al. ----------------------------------------------------
-def _otd(
-    f: Callable[..., Any], evolution: evolution_lib.Evolution, plan: Plan, has_aux: bool
-) -> Callable[..., Any]:
+def _otd(solver: _Solver) -> Callable[..., Any]:
     """Keep only z(1); in the backward pass integrate (z, a) from t = 1 to 0 with the same
     RK method and step, accumulating ∫ (∂f/∂θ)ᵀa and ∫ (∂f/∂φ)ᵀa. Stage i of the backward
-    step over [t_n, t_{n+1}] uses the θ of forward stage i (exact when θ is static)."""
+    step over [t_n, t_{n+1}] uses the θ of forward stage i (exact when θ is static); the θ_j
+    are a function of (w0, p, c), whose VJP takes the accumulated ∂J/∂θ_j back to them."""
+    f, plan, has_aux, forward = solver.f, solver.plan, solver.has_aux, solver.forward
     tableau = plan.tableau
     h = 1.0 / plan.num_z_steps
-
-    def forward(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
-        return _forward(f, evolution, plan, has_aux, z0, w0, p, args)
 
     def field(z: PyTree, theta: PyTree, args: Any, k: int) -> PyTree:
         out = f(z, theta, args, k)
         return out[0] if has_aux else out
 
     @jax.custom_vjp
-    def solve(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
-        return forward(z0, w0, p, args)
+    def solve(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
+        return forward(z0, w0, p, c, args)
 
-    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, args: Any) -> Any:
-        out = forward(z0, w0, p, args)
-        return out, (out[0], w0, p, args)
+    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
+        out = forward(z0, w0, p, c, args)
+        return out, (out[0], w0, p, c, args)
 
     def solve_bwd(residuals: Any, cts: Any) -> Any:
-        z, w0, p, args = residuals
+        z, w0, p, c, args = residuals
         a = cts[0]
-
-        def trajectory(w0: PyTree, p: PyTree) -> list[PyTree]:
-            return weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
-
-        ws, weights_vjp = jax.vjp(trajectory, w0, p)
-        g_ws = [jax.tree.map(jnp.zeros_like, w) for w in ws]
+        thetas, thetas_vjp = jax.vjp(solver.thetas, w0, p, c)
+        g_thetas = [jax.tree.map(jnp.zeros_like, theta) for theta in thetas]
         g_args = jax.tree.map(jnp.zeros_like, args)
         num_stages = len(tableau.b)
         for n in reversed(range(plan.num_z_steps)):
             ks: list[tuple[PyTree, PyTree]] = []
             for i, (a_row, b_i) in enumerate(zip(tableau.a, tableau.b, strict=True)):
-                m = plan.stage_indices[n][i]
+                j = plan.stage_indices[n][i]
                 z_i, a_i = stepping.axpy((z, a), -h, list(zip(a_row, ks, strict=False)))
-                dz, vjp = jax.vjp(functools.partial(field, k=n * num_stages + i), z_i, ws[m], args)
+                dz, vjp = jax.vjp(
+                    functools.partial(field, k=n * num_stages + i), z_i, thetas[j], args
+                )
                 gz, gtheta, gargs = vjp(a_i)
                 ks.append((dz, jax.tree.map(jnp.negative, gz)))
                 if b_i:
-                    g_ws[m] = stepping.axpy(g_ws[m], h * b_i, [(1.0, gtheta)])
+                    g_thetas[j] = stepping.axpy(g_thetas[j], h * b_i, [(1.0, gtheta)])
                     g_args = stepping.axpy(g_args, h * b_i, [(1.0, gargs)])
             z, a = stepping.axpy((z, a), -h, list(zip(tableau.b, ks, strict=True)))
-        g_w0, g_p = weights_vjp(g_ws)
-        return a, g_w0, g_p, g_args
+        g_w0, g_p, g_c = thetas_vjp(g_thetas)
+        return a, g_w0, g_p, g_c, g_args
 
     solve.defvjp(solve_fwd, solve_bwd)
     return solve
 
 
-def _backprop(
-    f: Callable[..., Any], evolution: evolution_lib.Evolution, plan: Plan, has_aux: bool
-) -> Callable[..., Any]:
-    return lambda z0, w0, p, args: _forward(f, evolution, plan, has_aux, z0, w0, p, args)
+def _backprop(solver: _Solver) -> Callable[..., Any]:
+    return solver.forward
 
 
 _SOLVERS = {"dto": _dto, "otd": _otd, "backprop": _backprop}
@@ -292,11 +314,13 @@ _SOLVERS = {"dto": _dto, "otd": _otd, "backprop": _backprop}
 
 # -- public API ------------------------------------------------------------------------------------
 class Trajectory(NamedTuple):
-    """z: [z_0, ..., z_Nz]; w: [w_0, ..., w_Nw]; stage_indices: θ's weight index per stage."""
+    """z: [z_0, ..., z_Nz]; w: [w_0, ..., w_Nw]; stage_indices: θ's weight index per stage;
+    theta: [θ_0, ..., θ_Nw], θ_j = Σ_{m ≤ j} κ_{j,m} w_m (for Dirac, the w_m themselves)."""
 
     z: list[PyTree]
     w: list[PyTree]
     stage_indices: tuple[tuple[int, ...], ...]
+    theta: list[PyTree]
 
 
 def split_float_leaves(args: Any) -> tuple[list[Any], Callable[..., Any]]:
@@ -330,6 +354,18 @@ def indexed_field(f: Callable[..., Any], indexed: bool) -> Callable[..., Any]:
     return lambda z, theta, args, k: f(z, theta, args)
 
 
+def check_coupling(coupling: Any) -> coupling_lib.Coupling:
+    """``coupling``, or Dirac() for None; ValueError naming the choices if it is not one."""
+    if coupling is None:
+        return coupling_lib.Dirac()
+    if not isinstance(coupling, coupling_lib.Coupling):
+        raise ValueError(
+            f"coupling={coupling!r} is not a coupling; pass anodev2_jax.Dirac() (θ = w, the "
+            "default), Mixing(weights), Exponential(), DiracPlus(...) or Smooth(fn)"
+        )
+    return coupling
+
+
 def check_inputs(
     f: Callable[..., Any],
     z0: PyTree,
@@ -338,8 +374,11 @@ def check_inputs(
     args: Any,
     evolution: evolution_lib.Evolution,
     has_aux: bool,
+    coupling: coupling_lib.Coupling | None = None,
+    coupling_params: PyTree = None,
+    num_w_steps: int = 1,
 ) -> None:
-    """Validate a coupled solve's inputs (evolution shapes, f's output) before tracing it.
+    """Validate a coupled solve's inputs (evolution and coupling, f's output) before tracing.
 
     ``f``: the field in the form ``f(z, theta, args, k)`` (see :func:`indexed_field`).
     """
@@ -354,7 +393,8 @@ def check_inputs(
                     "needs float32 or float64 arrays"
                 )
     evolution.check(w0, p)
-    out = jax.eval_shape(f, z0, w0, args, 0)
+    check_coupling(coupling).check(coupling_params, w0, num_w_steps)
+    out = jax.eval_shape(lambda z, theta, args: f(z, theta, args, 0), z0, w0, args)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError("has_aux=True needs f to return a pair (dz/dt, aux)")
@@ -376,6 +416,8 @@ def coupled_solve(
     args: Any = None,
     *,
     evolution: evolution_lib.Evolution | None = None,
+    coupling: coupling_lib.Coupling | None = None,
+    coupling_params: PyTree = None,
     num_z_steps: int = 5,
     num_w_steps: int | None = None,
     schedule: str | Sequence[int] = "conf1",
@@ -385,7 +427,10 @@ def coupled_solve(
     indexed: bool = False,
     return_trajectory: bool = False,
 ) -> Any:
-    """Solve dz/dt = f(z, θ(t), args), dw/dt = q(w; p), θ = w on [0, 1] (SPEC §1-2).
+    """Solve dz/dt = f(z, θ(t), args), dw/dt = q(w; p), θ(t) = ∫_0^t K(t-τ) w(τ) dτ on [0, 1].
+
+    (SPEC §1-2, paper eq. 2.3; θ = w for the default Dirac kernel.) On the weight grid the
+    coupling is θ_j = Σ_{m ≤ j} κ_{j,m} w_m, and a stage at schedule index j uses θ_j.
 
     Args:
       f: the activation field ``f(z, theta, args) -> dz/dt`` (or ``(dz/dt, aux)`` with
@@ -395,6 +440,12 @@ def coupled_solve(
       p: parameters of the evolution, as built by ``evolution.init(w0)`` (None for Zero).
       args: static parameters φ of f (BatchNorm scale and offset, ...); differentiated too.
       evolution: the weight evolution q and its step Φ; default ``RDA()`` (paper eq. B.4).
+      coupling: θ from the weight trajectory (:mod:`anodev2_jax.coupling`): ``Dirac()``
+        (default, θ_j = w_j, bit for bit the solve of the paper's configurations),
+        ``Mixing(κ)`` (fixed weights), or a kernel K: ``Exponential()``, ``DiracPlus(...)``,
+        ``Smooth(fn)``, by the trapezoid rule. A kernel without a Dirac part gives θ(0) = 0.
+      coupling_params: the kernel's parameters c, as built by ``coupling.init(w0)`` (None for
+        Dirac and Mixing); differentiated like p.
       num_z_steps: Nz, activation steps of size h = 1/Nz.
       num_w_steps: Nw, weight steps of size δ = 1/Nw; default Nz.
       schedule: ``"conf1"``, ``"conf2"`` or explicit indices m(n) (see :func:`make_plan`).
@@ -409,8 +460,8 @@ def coupled_solve(
         z-step n, the same in the forward pass and in DTO's and OTD's backward passes. A
         field whose static parameters differ per evaluation (e.g. per-step BatchNorm
         statistics) takes its slice k of them.
-      return_trajectory: return a :class:`Trajectory` (all z_n and w_m) instead of z(1);
-        it is differentiated by plain backprop.
+      return_trajectory: return a :class:`Trajectory` (all z_n, w_m and θ_j) instead of
+        z(1); it is differentiated by plain backprop.
 
     Returns:
       z(1), with z0's structure, shapes and dtypes (or a Trajectory; paired with the auxs).
@@ -419,13 +470,18 @@ def coupled_solve(
     plan = make_plan(num_z_steps, num_w_steps, schedule, method)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient={gradient!r} is unknown; use one of {GRADIENTS}")
+    coupling = check_coupling(coupling)
     f = indexed_field(f, indexed)
-    check_inputs(f, z0, w0, p, args, evolution, has_aux)
+    check_inputs(
+        f, z0, w0, p, args, evolution, has_aux, coupling, coupling_params, plan.num_w_steps
+    )
 
     if return_trajectory:
-        ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_steps)
-        zs, auxs = _z_trajectory(f, z0, ws, args, plan, has_aux)
-        trajectory = Trajectory(zs, ws, plan.stage_indices)
+        thetas, ws = theta_trajectory(
+            coupling, evolution, w0, p, coupling_params, plan.num_w_steps, plan.num_w_steps
+        )
+        zs, auxs = _z_trajectory(f, z0, thetas, args, plan, has_aux)
+        trajectory = Trajectory(zs, ws, plan.stage_indices, thetas)
         return (trajectory, tuple(auxs)) if has_aux else trajectory
 
     phi, with_phi = split_float_leaves(args)
@@ -433,22 +489,50 @@ def coupled_solve(
     def f_split(z: PyTree, theta: PyTree, phi: list[Any], k: int) -> Any:
         return f(z, theta, with_phi(phi), k)
 
-    z1, auxs = _SOLVERS[gradient](f_split, evolution, plan, has_aux)(z0, w0, p, phi)
+    solver = _Solver(f_split, evolution, coupling, plan, has_aux)
+    z1, auxs = _SOLVERS[gradient](solver)(z0, w0, p, coupling_params, phi)
     return (z1, auxs) if has_aux else z1
 
 
 def vector_field(
-    f: Callable[..., Any], evolution: evolution_lib.Evolution
-) -> Callable[[float, tuple[PyTree, PyTree], tuple[Any, PyTree]], tuple[PyTree, PyTree]]:
-    """The continuous coupled system (θ = w) as a diffrax vector field.
+    f: Callable[..., Any],
+    evolution: evolution_lib.Evolution,
+    coupling: coupling_lib.Coupling | None = None,
+) -> Callable[[float, tuple[PyTree, ...], tuple[Any, ...]], tuple[PyTree, ...]]:
+    """The continuous coupled system (eq. 2.3) as a diffrax vector field.
 
-    Returns ``field(t, (z, w), (args, p)) -> (f(z, w, args), q(t, w; p))``, to be passed as
-    ``diffrax.ODETerm(field)`` with ``y0=(z0, w0)`` and ``args=(args, p)``.
+    Dirac coupling (θ = w, the default): ``field(t, (z, w), (args, p)) -> (f(z, w, args),
+    q(t, w; p))``, for ``diffrax.ODETerm(field)`` with ``y0=(z0, w0)`` and ``args=(args, p)``.
+
+    A kernel K(s) = a·δ(s) + k(s) whose memory u(t) = ∫_0^t k(t-τ) w(τ) dτ obeys an ODE
+    (``Exponential``: du/dt = λ(w - u); ``DiracPlus`` of it) gives the augmented system of
+    (z, w, u), θ = a·w + u: ``field(t, (z, w, u), (args, p, c)) -> (f(z, θ, args), q(t, w; p),
+    du/dt)``, with ``y0=(z0, w0, zeros like w0)`` (u(0) = 0) and ``args=(args, p, c)``, c the
+    kernel's parameters. For the pure exponential kernel u is θ itself: dθ/dt = λ(w - θ),
+    θ(0) = 0. Any diffrax solver integrates either form.
     """
+    coupling = check_coupling(coupling)
+    if coupling.one_hot:
 
-    def field(t: float, y: tuple[PyTree, PyTree], field_args: tuple[Any, PyTree]) -> Any:
-        z, w = y
-        args, p = field_args
-        return f(z, w, args), evolution.vector_field(t, w, p)
+        def field(t: float, y: tuple[PyTree, ...], field_args: tuple[Any, ...]) -> Any:
+            z, w = y
+            args, p = field_args
+            return f(z, w, args), evolution.vector_field(t, w, p)
 
-    return field
+        return field
+
+    if not isinstance(coupling, coupling_lib.Kernel):
+        raise ValueError(
+            f"{coupling!r} is defined on the weight grid only and has no continuous form for "
+            "diffrax; use coupled_solve, or a kernel with an ODE form, e.g. Exponential()"
+        )
+    coupling.check_memory_form()
+    kernel = coupling
+
+    def augmented(t: float, y: tuple[PyTree, ...], field_args: tuple[Any, ...]) -> Any:
+        z, w, u = y
+        args, p, c = field_args
+        theta = kernel.theta_from_memory(w, u, c)
+        return f(z, theta, args), evolution.vector_field(t, w, p), kernel.memory_field(t, u, w, c)
+
+    return augmented

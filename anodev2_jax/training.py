@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import struct
 
+from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import data as data_lib
 from anodev2_jax import host_malloc, models, parallel
 from anodev2_jax import seeds as seeds_lib
@@ -90,6 +91,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.learning_rate <= 0:
         raise ValueError(f"config.learning_rate={config.learning_rate} must be positive")
+    if config.grad_clip_norm is not None and not config.grad_clip_norm > 0:
+        raise ValueError(
+            f"config.grad_clip_norm={config.grad_clip_norm} must be positive (or None: no clipping)"
+        )
     if config.warmup_epochs < 0:
         raise ValueError(f"config.warmup_epochs={config.warmup_epochs} must be ≥ 0")
     decay_epochs = list(config.lr_decay_epochs)
@@ -119,6 +124,18 @@ def model_from_config(config: ml_collections.ConfigDict) -> Any:
     vmapped = config.num_seeds > 1 and seeds_lib.resolve_batching(config.seed_batching) == "vmap"
     if conv_impl == "auto" and vmapped:
         conv_impl = "xla"
+    # The time kernel K of θ = ∫ K(t-τ) w(τ) dτ; "dirac" (θ = w) is every variant's own.
+    if config.kernel == "dirac" and config.kernel_rate is not None:
+        raise ValueError(
+            f"config.kernel_rate={config.kernel_rate} is set, but config.kernel='dirac' has no "
+            "rate; use --config.kernel=exponential (or dirac+exponential), or drop kernel_rate"
+        )
+    if config.kernel != "dirac":
+        rate = 1.0 if config.kernel_rate is None else config.kernel_rate
+        try:
+            overrides["coupling"] = coupling_lib.make_coupling(config.kernel, rate)
+        except ValueError as e:
+            raise ValueError(f"config.{e}") from e
     return models.create_model(
         config.model,
         config.variant,
@@ -158,8 +175,13 @@ def learning_rate_schedule(
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """SGD with momentum and (PyTorch-style, coupled) weight decay on every parameter."""
+    """SGD with momentum and (PyTorch-style, coupled) weight decay on every parameter; the
+    loss gradient first clipped to global norm ``config.grad_clip_norm`` when it is set."""
+    clip = (
+        [] if config.grad_clip_norm is None else [optax.clip_by_global_norm(config.grad_clip_norm)]
+    )
     return optax.chain(
+        *clip,
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
     )
@@ -272,8 +294,7 @@ def restore_checkpoint(
     the checkpoint and the model raises ValueError.
     """
     step = manager.latest_step()
-    saved = manager.item_metadata(step)
-    saved_tree = dict(saved.tree if hasattr(saved, "tree") else saved)
+    saved_tree = manager.item_metadata(step).tree
     saved_stats = saved_tree["batch_stats"]
     try:
         same_params = jax.tree.leaves(
@@ -294,28 +315,33 @@ def restore_checkpoint(
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
     )
-    try:
-        saved_shapes = jax.tree.map(lambda m, _: tuple(m.shape), saved_stats, template.batch_stats)
-    except ValueError as error:
-        raise ValueError(
-            f"the checkpoint at step {step} in {manager.directory} holds BatchNorm statistics "
-            f"for other layers than this model's; it was written by a different config.model "
-            f"or variant: resume it with that config, or use a new workdir ({error})"
-        ) from None
-    is_shape = lambda x: isinstance(x, tuple)  # a shape is a leaf here, not a pytree node
-    legacy = jax.tree.map(
-        lambda shape, t: len(shape) == 1 and t.ndim == 2 and shape == t.shape[1:],
-        saved_shapes,
-        template.batch_stats,
-        is_leaf=is_shape,
+    template_leaves, treedef = jax.tree.flatten(template.batch_stats)
+    is_array = lambda x: hasattr(x, "shape")
+    saved_paths, paths = (
+        {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(t, is_array)}
+        for t in (saved_stats, template.batch_stats)
     )
-    if not any(jax.tree.leaves(legacy)):
+    if saved_paths != paths:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} holds the BatchNorm "
+            f"statistics of other layers than this model's (only in the checkpoint: "
+            f"{sorted(saved_paths - paths)}; only in the model: {sorted(paths - saved_paths)}): "
+            "it was written by a different config.model or variant; resume it with that "
+            "config, or use a new workdir"
+        )
+    saved_shapes = [tuple(m.shape) for m in jax.tree.leaves(saved_stats, is_leaf=is_array)]
+    legacy = [
+        len(shape) == 1 and t.ndim == 2 and shape == t.shape[1:]
+        for shape, t in zip(saved_shapes, template_leaves, strict=True)
+    ]
+    if not any(legacy):
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    stats = jax.tree.map(
-        lambda shape, t: jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding),
-        saved_shapes,
-        template.batch_stats,
-        is_leaf=is_shape,
+    stats = jax.tree.unflatten(
+        treedef,
+        [
+            jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding)
+            for shape, t in zip(saved_shapes, template_leaves, strict=True)
+        ],
     )
     state = manager.restore(
         step, args=ocp.args.StandardRestore(abstract.replace(batch_stats=stats))

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from anodev2_jax import RDA, Zero, coupled_solve, models, training
 from anodev2_jax import data as data_lib
@@ -71,9 +70,8 @@ def trained_state(config: ml_collections.ConfigDict, workdir: Path) -> training.
             training.model_from_config(config), training.make_optimizer(config, 1), config
         )
     )
-    with ocp.CheckpointManager(checkpoints.absolute()) as manager:
-        step = manager.latest_step()
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    with training.checkpoint_manager(checkpoints.absolute()) as manager:
+        return training.restore_checkpoint(manager, abstract)
 
 
 # -- the model cut at its ODE block ----------------------------------------------------------------

@@ -16,6 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.gradient = config_dict.placeholder(str)
     # BatchNorm scale/offset in the ODE blocks: shared (default) | per_evaluation
     config.norm_params = config_dict.placeholder(str)
+    # Time kernel K of θ(t) = ∫_0^t K(t-τ) w(τ) dτ (paper eq. 2.3d): dirac (θ = w, the
+    # paper's experiments) | exponential (K = λe^{-λs}, θ(0) = 0) | dirac+exponential
+    # (K = δ + λe^{-λs}); the last two are extensions beyond the paper, λ learned from
+    # kernel_rate (default 1.0).
+    config.kernel = "dirac"
+    config.kernel_rate = config_dict.placeholder(float)
     config.conv_impl = "auto"  # a faster convolution on CPU, XLA's own elsewhere
     # auto: keep freed host memory for reuse when JAX runs on the CPU (anodev2_jax.host_malloc)
     config.cpu_malloc = "auto"
@@ -41,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Not in the paper: lr 0.1 from the first step collapses ResNet-4 to chance in ~20 steps
     # (measured, SPEC §5); a linear warm-up over the first epoch fixes it.
     config.warmup_epochs = 1.0
+    # Clip the loss gradient to this global norm before the update (None: no clipping).
+    config.grad_clip_norm = config_dict.placeholder(float)
 
     config.seed = 0
     # num_seeds = k trains seeds seed, ..., seed + k - 1 in one compiled program, each with

@@ -1,6 +1,8 @@
 """The gradient-verification suite: the discrete KKT recursion (adjoint.py) equals jax.grad of
 the DTO solve, satisfies eq. 2.5a-e residual by residual, and matches central differences;
-check_grads on the solve; the OTD gradient converges to DTO at first order.
+check_grads on the solve; the OTD gradient converges to DTO at first order. Each of these also
+runs with a time kernel K coupling θ to the weight trajectory (eq. 2.3d; coupling.py), whose
+own parameters c are differentiated too.
 
 Everything runs eagerly (no jit) on tiny float64 problems, so the few primitive shapes compile
 once and are shared by all cases. The whole-model gradient checks belong in
@@ -14,11 +16,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import tree_relative_error
 from jax.test_util import check_grads
 
-from anodev2_jax import MLP, RDA, Linear, Zero, coupled_solve, make_plan, stepping
+from anodev2_jax import (
+    MLP,
+    RDA,
+    DiracPlus,
+    Exponential,
+    Linear,
+    Mixing,
+    Smooth,
+    Zero,
+    coupled_solve,
+    make_plan,
+    stepping,
+)
 from anodev2_jax.adjoint import KKTResult, kkt_gradients
 
 pytestmark = pytest.mark.gradients
@@ -96,6 +111,36 @@ CASES = [
 ]
 
 
+def gaussian_kernel(s, c):
+    """A user's smooth kernel k(s) = A·exp(-B s²)."""
+    return c["A"] * jnp.exp(-c["B"] * s**2)
+
+
+def lower_triangular(size: int) -> np.ndarray:
+    """A fixed causal mixing matrix with every allowed entry nonzero."""
+    kappa = np.random.default_rng(0).uniform(0.2, 1.0, (size, size))
+    return np.tril(kappa)
+
+
+# Time kernels K of θ(t) = ∫_0^t K(t-τ) w(τ) dτ (None: the Dirac kernel, θ = w).
+COUPLINGS: dict[str, Callable[[int], Any]] = {
+    "exponential": lambda nw: Exponential(init_rate=2.0),
+    "dirac_plus": lambda nw: DiracPlus(Exponential(init_rate=3.0), init_dirac=0.8),
+    "smooth": lambda nw: Smooth(
+        gaussian_kernel, lambda dtype: {"A": jnp.asarray(1.5, dtype), "B": jnp.asarray(2.0, dtype)}
+    ),
+    "mixing": lambda nw: Mixing(lower_triangular(nw + 1)),
+}
+# Euler, RK2 and RK4, every kernel, every schedule, with several evolutions.
+COUPLED_CASES = [
+    ("exponential", "conf1", "rda_tanh", "euler"),
+    ("dirac_plus", "conf2", "mlp", "euler"),
+    ("mixing", "custom", "linear", "euler"),
+    ("smooth", "conf1", "ramped", "rk2"),
+    ("dirac_plus", "custom", "rda_identity", "rk4"),
+]
+
+
 def perturbed(tree, key, scale):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, max(len(leaves), 1))
@@ -103,8 +148,14 @@ def perturbed(tree, key, scale):
     return jax.tree.unflatten(treedef, [x + e for x, e in zip(leaves, noise, strict=True)])
 
 
-def make_problem(evolution_name: str, schedule: str = "conf1", method: str = "euler") -> dict:
-    """f, inputs (z0, w0, p, args), the cotangent c of J = <c, z1>, and the solve's kwargs."""
+def make_problem(
+    evolution_name: str,
+    schedule: str = "conf1",
+    method: str = "euler",
+    coupling: str | None = None,
+) -> dict:
+    """f, inputs (z0, w0, p, args, coupling params), the cotangent c of J = <c, z1>, and the
+    solve's kwargs (with the coupling object; None: Dirac, whose parameters are None)."""
     evolution, f = EVOLUTIONS[evolution_name]
     keys = jax.random.split(jax.random.key(3), 8)
     kernel = (3, 3, 2, 2)
@@ -118,42 +169,69 @@ def make_problem(evolution_name: str, schedule: str = "conf1", method: str = "eu
     # Parameters away from their (often degenerate: zero velocity, zero MLP output) init.
     p = perturbed(evolution.init(w0, keys[2]), keys[3], 0.3)
     args = {"scale": jnp.asarray(1.3), "bias": 0.2 * jax.random.normal(keys[4], (2,))}
+    steps = SCHEDULES[schedule][method]
+    time_kernel = None if coupling is None else COUPLINGS[coupling](steps["num_w_steps"])
+    # Kernel parameters away from their init too, so that a wrong c-gradient shows.
+    c = None if time_kernel is None else perturbed(time_kernel.init(w0), keys[7], 0.2)
     return dict(
         f=f,
-        inputs=(jax.random.normal(keys[5], (2, 5, 5, 2)), w0, p, args),
+        inputs=(jax.random.normal(keys[5], (2, 5, 5, 2)), w0, p, args, c),
         c=jax.random.normal(keys[6], (2, 5, 5, 2)),
-        kwargs=dict(evolution=evolution, method=method, **SCHEDULES[schedule][method]),
+        kwargs=dict(evolution=evolution, coupling=time_kernel, method=method, **steps),
     )
 
 
 def loss(problem: dict, gradient: str = "dto") -> Callable[..., jax.Array]:
-    """J(z0, w0, p, args) = <c, z1>."""
+    """J(z0, w0, p, args, coupling params) = <c, z1>."""
 
-    def J(z0, w0, p, args):
-        z1 = coupled_solve(problem["f"], z0, w0, p, args, gradient=gradient, **problem["kwargs"])
+    def J(z0, w0, p, args, coupling_params):
+        z1 = coupled_solve(
+            problem["f"], z0, w0, p, args, coupling_params=coupling_params, gradient=gradient,
+            **problem["kwargs"],
+        )  # fmt: skip
         return jnp.sum(problem["c"] * z1)
 
     return J
 
 
 def recursion(problem: dict) -> KKTResult:
-    return kkt_gradients(problem["f"], *problem["inputs"], problem["c"], **problem["kwargs"])
+    *inputs, coupling_params = problem["inputs"]
+    return kkt_gradients(
+        problem["f"], *inputs, problem["c"], coupling_params=coupling_params, **problem["kwargs"]
+    )
 
 
 def gradients(result: KKTResult) -> tuple:
-    return result.grad_z0, result.grad_w0, result.grad_p, result.grad_args
+    return result.grad_z0, result.grad_w0, result.grad_p, result.grad_args, result.grad_coupling
+
+
+NAMES = ("z0", "w0", "p", "args", "coupling")
 
 
 # -- the recursion is the gradient of the discrete map ---------------------------------------------
+def check_recursion_equals_jax_grad(problem: dict) -> float:
+    expected = jax.grad(loss(problem), (0, 1, 2, 3, 4))(*problem["inputs"])
+    worst = 0.0
+    for name, got, want in zip(NAMES, gradients(recursion(problem)), expected, strict=True):
+        assert jax.tree.structure(got) == jax.tree.structure(want), name
+        error = tree_relative_error(got, want)
+        assert error <= 1e-12, name
+        worst = max(worst, error)
+    return worst
+
+
 @pytest.mark.parametrize("schedule,evolution,method", CASES)
 def test_recursion_equals_jax_grad_of_the_dto_solve(schedule, evolution, method):
-    problem = make_problem(evolution, schedule, method)
-    expected = jax.grad(loss(problem), (0, 1, 2, 3))(*problem["inputs"])
-    for name, got, want in zip(
-        ("z0", "w0", "p", "args"), gradients(recursion(problem)), expected, strict=True
-    ):
-        assert jax.tree.structure(got) == jax.tree.structure(want), name
-        assert tree_relative_error(got, want) <= 1e-12, name
+    check_recursion_equals_jax_grad(make_problem(evolution, schedule, method))
+
+
+@pytest.mark.parametrize("coupling,schedule,evolution,method", COUPLED_CASES)
+def test_recursion_with_a_time_kernel_equals_jax_grad(coupling, schedule, evolution, method):
+    """Each stage's γ reaches every b_m with weight κ_{j,m}; ∂J/∂c by the VJP of c ↦ κ."""
+    problem = make_problem(evolution, schedule, method, coupling)
+    worst = check_recursion_equals_jax_grad(problem)
+    print(f"{coupling}, {schedule}, {evolution}, {method}: max relative error {worst:.1e}")
+    assert jax.tree.leaves(recursion(problem).grad_coupling) or coupling == "mixing"
 
 
 # -- the recursion satisfies each discrete KKT condition -------------------------------------------
@@ -165,13 +243,15 @@ def kkt_residuals(problem: dict, result: KKTResult) -> dict[str, float]:
     Euler: the paper's formulas. RK: the same conditions for the whole step map
     z_{n+1} = S_n(z_n, θ_{m_1}, ..., θ_{m_s}), whose VJP gives a_n and each stage's g.
     """
-    f, (z0, w0, p, args), c, kwargs = (problem[k] for k in ("f", "inputs", "c", "kwargs"))
-    evolution = kwargs["evolution"]
+    f, (z0, w0, p, args, cp), c, kwargs = (problem[k] for k in ("f", "inputs", "c", "kwargs"))
+    evolution, coupling = kwargs["evolution"], kwargs["coupling"]
     plan = make_plan(
         kwargs["num_z_steps"], kwargs["num_w_steps"], kwargs["schedule"], kwargs["method"]
     )
-    trajectory = coupled_solve(f, z0, w0, p, args, return_trajectory=True, **kwargs)
-    zs, ws = trajectory.z, trajectory.w
+    trajectory = coupled_solve(
+        f, z0, w0, p, args, coupling_params=cp, return_trajectory=True, **kwargs
+    )
+    zs, ws, thetas = trajectory.z, trajectory.w, trajectory.theta
     h = 1.0 / plan.num_z_steps
     res = {"terminal": tree_relative_error(result.a[-1], c)}
 
@@ -180,7 +260,7 @@ def kkt_residuals(problem: dict, result: KKTResult) -> dict[str, float]:
     for n, row in enumerate(plan.stage_indices):
         a_next = result.a[n + 1]
         if plan.method == "euler":
-            _, vjp = jax.vjp(f, zs[n], ws[row[0]], args)
+            _, vjp = jax.vjp(f, zs[n], thetas[row[0]], args)
             f_z, f_theta, f_args = vjp(a_next)
             a_n = jax.tree.map(lambda a, fz: a + h * fz, a_next, f_z)  # 2.5a
             g_n = (jax.tree.map(lambda x: h * x, f_theta),)  # 2.5b
@@ -191,7 +271,7 @@ def kkt_residuals(problem: dict, result: KKTResult) -> dict[str, float]:
                 fields = [lambda y, th=th: f(y, th, args) for th in thetas]
                 return stepping.rk_step(fields, z, h, plan.tableau)
 
-            _, vjp = jax.vjp(step, zs[n], tuple(ws[m] for m in row), args)
+            _, vjp = jax.vjp(step, zs[n], tuple(thetas[j] for j in row), args)
             a_n, g_n, g_args = vjp(a_next)
         res_a.append(tree_relative_error(result.a[n], a_n))
         res_g.append(tree_relative_error(result.g[n], g_n))
@@ -200,13 +280,35 @@ def kkt_residuals(problem: dict, result: KKTResult) -> dict[str, float]:
             gamma[m] = jax.tree.map(jnp.add, gamma[m], g)
     res["2.5a"], res["2.5b"] = max(res_a), max(res_g)
 
+    # The kernel's exchange: w_m receives Σ_{j ≥ m} κ_{j,m} γ_j (paper's ∫_t^1 Kᵀ(τ-t)γ(τ)dτ).
+    size = plan.num_w_needed + 1
+    if coupling is None:
+        sources = gamma
+    else:
+        kappa = coupling.matrix(cp, plan.num_w_steps, plan.num_w_needed)
+        sources = [
+            jax.tree.map(lambda *gs, m=m: sum(kappa[j, m] * gs[j] for j in range(size)), *gamma)
+            for m in range(size)
+        ]
+        # ∂J/∂c = (∂κ/∂c)ᵀ G with G_{j,m} = ⟨γ_j, w_m⟩.
+        products = sum(
+            jnp.einsum("j...,m...->jm", jnp.stack(gs), jnp.stack(xs))
+            for gs, xs in zip(
+                zip(*map(jax.tree.leaves, gamma), strict=True),
+                zip(*map(jax.tree.leaves, ws[:size]), strict=True),
+                strict=True,
+            )
+        )
+        _, kappa_vjp = jax.vjp(lambda cp: coupling.matrix(cp, plan.num_w_steps, size - 1), cp)
+        res["K"] = tree_relative_error(result.grad_coupling, kappa_vjp(products)[0])
+
     dt = 1.0 / plan.num_w_steps
-    res_b = [tree_relative_error(result.b[-1], gamma[-1])]
+    res_b = [tree_relative_error(result.b[-1], sources[-1])]
     grad_p = jax.tree.map(jnp.zeros_like, p)
     for m in range(plan.num_w_needed):
         _, vjp = jax.vjp(lambda w, p, m=m: evolution.step(w, m * dt, dt, p), ws[m], p)
         b_w, b_p = vjp(result.b[m + 1])
-        res_b.append(tree_relative_error(result.b[m], jax.tree.map(jnp.add, b_w, gamma[m])))
+        res_b.append(tree_relative_error(result.b[m], jax.tree.map(jnp.add, b_w, sources[m])))
         grad_p = jax.tree.map(jnp.add, grad_p, b_p)
     res["2.5c"] = max(res_b)
     res["2.5d"] = tree_relative_error(result.grad_w0, result.b[0])
@@ -217,18 +319,21 @@ def kkt_residuals(problem: dict, result: KKTResult) -> dict[str, float]:
 
 
 RESIDUAL_CASES = [
-    ("conf1", "rda_tanh", "euler"),
-    ("conf2", "mlp", "euler"),
-    ("custom", "linear", "euler"),
-    ("conf1", "zero", "rk2"),
-    ("custom", "rda_identity", "rk4"),
+    (None, "conf1", "rda_tanh", "euler"),
+    (None, "conf2", "mlp", "euler"),
+    (None, "custom", "linear", "euler"),
+    (None, "conf1", "zero", "rk2"),
+    (None, "custom", "rda_identity", "rk4"),
+    ("dirac_plus", "conf1", "rda_tanh", "euler"),
+    ("exponential", "custom", "rda_identity", "rk4"),
 ]
 
 
-@pytest.mark.parametrize("schedule,evolution,method", RESIDUAL_CASES)
-def test_recursion_satisfies_each_kkt_condition(schedule, evolution, method):
-    problem = make_problem(evolution, schedule, method)
+@pytest.mark.parametrize("coupling,schedule,evolution,method", RESIDUAL_CASES)
+def test_recursion_satisfies_each_kkt_condition(coupling, schedule, evolution, method):
+    problem = make_problem(evolution, schedule, method, coupling)
     residuals = kkt_residuals(problem, recursion(problem))
+    assert ("K" in residuals) == (coupling is not None)
     assert max(residuals.values()) <= 1e-12, residuals
 
 
@@ -237,11 +342,12 @@ def scaled(tree, factor):
 
 
 @pytest.mark.parametrize(
-    "schedule,evolution,method", [("custom", "linear", "euler"), ("custom", "rda_identity", "rk4")]
+    "coupling,schedule,evolution,method",
+    [(None, "custom", "linear", "euler"), ("exponential", "custom", "rda_identity", "rk4")],
 )
-def test_a_perturbed_adjoint_violates_its_kkt_condition(schedule, evolution, method):
+def test_a_perturbed_adjoint_violates_its_kkt_condition(coupling, schedule, evolution, method):
     """One adjoint off by a relative 1e-6 shows up in its own residual, far above rounding."""
-    problem = make_problem(evolution, schedule, method)
+    problem = make_problem(evolution, schedule, method, coupling)
     result = recursion(problem)
     bump = 1 + 1e-6
 
@@ -265,6 +371,8 @@ def test_a_perturbed_adjoint_violates_its_kkt_condition(schedule, evolution, met
     assert residuals_with(b=b)["2.5d"] > 1e-8
     assert residuals_with(grad_p=scaled(result.grad_p, bump))["2.5e"] > 1e-8
     assert residuals_with(grad_args=scaled(result.grad_args, bump))["phi"] > 1e-8
+    if coupling is not None:
+        assert residuals_with(grad_coupling=scaled(result.grad_coupling, bump))["K"] > 1e-8
 
 
 # -- central finite differences --------------------------------------------------------------------
@@ -283,17 +391,25 @@ def shifted(inputs, direction, step):
 
 
 @pytest.mark.parametrize(
-    "schedule,evolution,method",
-    [("conf1", "rda_tanh", "euler"), ("conf2", "rda_tanh", "euler"), ("custom", "mlp", "rk4")],
+    "coupling,schedule,evolution,method",
+    [
+        (None, "conf1", "rda_tanh", "euler"),
+        (None, "conf2", "rda_tanh", "euler"),
+        (None, "custom", "mlp", "rk4"),
+        ("exponential", "conf1", "rda_tanh", "euler"),
+        ("dirac_plus", "custom", "mlp", "rk4"),
+    ],
 )
-def test_recursion_matches_central_differences(schedule, evolution, method):
-    problem = make_problem(evolution, schedule, method)
+def test_recursion_matches_central_differences(coupling, schedule, evolution, method):
+    problem = make_problem(evolution, schedule, method, coupling)
     inputs = problem["inputs"]
     grads = gradients(recursion(problem))
     J = loss(problem)
-    keys = jax.random.split(jax.random.key(11), 4)
+    keys = jax.random.split(jax.random.key(11), 5)
     eps = 1e-5
     for i, key in enumerate(keys):
+        if inputs[i] is None:  # the Dirac kernel has no parameters
+            continue
         direction = [jax.tree.map(jnp.zeros_like, x) for x in inputs]
         direction[i] = perturbed(direction[i], key, 1.0)
         plus, minus = (J(*shifted(inputs, direction, step)) for step in (eps, -eps))
@@ -307,7 +423,7 @@ def test_check_grads_of_the_solve_to_second_order():
     """DTO: reverse mode to second order (a custom_vjp has no forward mode); backprop, the same
     discrete map, in both modes; and DTO's forward-over-reverse Hessian-vector product."""
     problem = make_problem("rda_tanh", "custom", "rk2")
-    f, inputs, kwargs = problem["f"], problem["inputs"], problem["kwargs"]
+    f, inputs, kwargs = problem["f"], problem["inputs"][:4], problem["kwargs"]
 
     def solve(gradient):
         return lambda *xs: coupled_solve(f, *xs, gradient=gradient, **kwargs)
@@ -318,9 +434,12 @@ def test_check_grads_of_the_solve_to_second_order():
         jax.jvp(solve("dto"), inputs, inputs)
 
     tangent = perturbed(jax.tree.map(jnp.zeros_like, inputs), jax.random.key(5), 1.0)
+
+    def grad(gradient):
+        return jax.grad(lambda *xs: loss(problem, gradient)(*xs, None), (0, 1, 2, 3))
+
     hvp = {
-        gradient: jax.jvp(jax.grad(loss(problem, gradient), (0, 1, 2, 3)), inputs, tangent)[1]
-        for gradient in ("dto", "backprop")
+        gradient: jax.jvp(grad(gradient), inputs, tangent)[1] for gradient in ("dto", "backprop")
     }
     assert tree_relative_error(hvp["dto"], hvp["backprop"]) <= 1e-12
 
@@ -340,7 +459,7 @@ def test_otd_gradient_converges_to_dto_at_first_order():
         problem["kwargs"].update(
             num_z_steps=steps, num_w_steps=steps, evolution=RDA(activation="identity")
         )
-        otd = flat(jax.grad(loss(problem, "otd"), (0, 1, 2, 3))(*problem["inputs"]))
+        otd = flat(jax.grad(loss(problem, "otd"), (0, 1, 2, 3, 4))(*problem["inputs"]))
         dto = flat(gradients(recursion(problem)))
         errors.append(float(jnp.linalg.norm(otd - dto) / jnp.linalg.norm(dto)))
     print("OTD relative error vs DTO, Nz = 2, 4, 8, 16:", errors)
@@ -348,10 +467,25 @@ def test_otd_gradient_converges_to_dto_at_first_order():
     assert all(1.6 < a / b < 2.4 for a, b in itertools.pairwise(errors))
 
 
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_otd_gradient_is_exact_through_a_time_kernel_when_f_ignores_z(method):
+    """With ∂f/∂z = 0 the adjoint a is constant and the backward re-integration of z does not
+    matter, so OTD is exact: what it sends through θ_j = Σ κ_{j,m} w_m to w0, p and the
+    kernel's parameters must equal DTO's gradient to rounding."""
+    problem = make_problem("rda_tanh", "custom", method, "dirac_plus")
+    problem["f"] = lambda z, theta, args: f_one_kernel(jnp.ones_like(z), theta, args)
+    otd, dto = (
+        jax.grad(loss(problem, gradient), (0, 1, 2, 3, 4))(*problem["inputs"])
+        for gradient in ("otd", "dto")
+    )
+    assert tree_relative_error(otd[1:], dto[1:]) <= 1e-12
+    assert tree_relative_error(otd[4], dto[4]) <= 1e-12 and jax.tree.leaves(dto[4])
+
+
 # -- what kkt_gradients takes ----------------------------------------------------------------------
 def test_non_float_args_are_fixed_and_aux_is_dropped():
     problem = make_problem("rda_tanh")
-    z0, w0, p, args = problem["inputs"]
+    z0, w0, p, args, _ = problem["inputs"]
 
     def f_aux(z, theta, args):
         dz = f_one_kernel(jnp.roll(z, args["shift"], axis=1), theta, args)
@@ -383,13 +517,13 @@ def never_called(z, theta, args):
     ],
 )
 def test_bad_plans_fail_before_tracing(kwargs, message):
-    z0, w0, p, args = make_problem("rda_tanh")["inputs"]
+    z0, w0, p, args, _ = make_problem("rda_tanh")["inputs"]
     with pytest.raises(ValueError, match=message):
         kkt_gradients(never_called, z0, w0, p, args, z0, **kwargs)
 
 
 def test_cotangent_of_the_wrong_shape_is_named():
     problem = make_problem("rda_tanh")
-    z0, w0, p, args = problem["inputs"]
+    z0, w0, p, args, _ = problem["inputs"]
     with pytest.raises(ValueError, match="ct_z1"):
         kkt_gradients(problem["f"], z0, w0, p, args, z0[:1])

@@ -1,5 +1,6 @@
-"""models: parameter counts, shapes, baseline == one-step ODE block, BatchNorm running
-statistics (folded once per step, untouched by the gradient), node vs anode, DTO == backprop.
+"""models: parameter counts, shapes, baseline == one-step ODE block, per-evaluation BatchNorm
+running statistics (folded once per step, untouched by the gradient), node vs anode, DTO ==
+backprop.
 
 Everything runs eagerly at batch 2 (one jitted float32 training step), so the few primitive
 shapes compile once; parameter counts use jax.eval_shape and compute nothing.
@@ -13,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tree_allclose, tree_relative_error
-from jax.test_util import check_grads
 
-from anodev2_jax import MLP, RDA, Linear, Zero, models
+from anodev2_jax import MLP, RDA, Dirac, DiracPlus, Exponential, Linear, Mixing, Zero, models
 from anodev2_jax import conv as conv_lib
+from anodev2_jax import normalization as norm_lib
 
 F64 = jnp.float64
 
@@ -102,10 +103,49 @@ def test_other_evolutions_add_their_parameters_per_kernel(evolution, extra):
     assert models.count_params(abstract_variables(model)["params"]) == 7_706 + extra
 
 
-def test_running_statistics_are_not_parameters():
+@pytest.mark.parametrize("coupling, extra", [(Dirac(), 0), (Exponential(), 1), (DiracPlus(), 2)])
+def test_a_time_kernel_adds_its_parameters_and_they_train(coupling, extra):
+    """θ = ∫ K(t-τ) w(τ) dτ: the kernel's parameters sit in the block's params as "coupling"
+    and get a gradient from a jitted training step (conf2: θ_Nw mixes all of w_0..w_10)."""
+    model = models.create_model("resnet4", "anodev2_conf2", coupling=coupling)
+    assert models.count_params(abstract_variables(model)["params"]) == 7_714 + extra
+    if not extra:
+        return
+    x = images(jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    step = jax.jit(jax.grad(train_loss(model, variables, x), has_aux=True))
+    grads, _ = step(variables["params"])
+    kernel_grads = jax.tree.leaves(grads["layer1_1"]["coupling"])
+    assert len(kernel_grads) == extra and all(float(jnp.abs(g)) > 0 for g in kernel_grads)
+
+
+def test_running_statistics_are_not_parameters_and_are_kept_per_evaluation():
     variables = abstract_variables(models.create_model("resnet10", "anodev2_conf1"))
-    # conv1, 3 ODE blocks × 2, layer2_1 × 3 BatchNorms: mean and var of each channel
-    assert models.count_params(variables["batch_stats"]) == 2 * (16 + 4 * 16 + 2 * 32 + 3 * 32)
+    # mean and var of each channel: conv1 and layer2_1's 3 BatchNorms once, the 3 ODE blocks'
+    # 2 BatchNorms once per f evaluation (Nz = 5, Euler)
+    assert models.count_params(variables["batch_stats"]) == 2 * (
+        16 + 3 * 32 + 5 * (2 * 16 + 2 * 16 + 2 * 32)
+    )
+    rk2 = abstract_variables(models.create_model("resnet4", "anode", method="rk2", num_w_steps=4))
+    assert rk2["batch_stats"]["layer1_1"]["bn1"]["mean"].shape == (4, 16)  # Nz = 2, 2 stages
+
+
+# Per-evaluation scale and offset add one BatchNorm (2·C) per extra evaluation and BatchNorm.
+@pytest.mark.parametrize(
+    "name, variant, extra",
+    [
+        ("resnet4", "anode", 1 * 2 * 2 * 16),
+        ("resnet4", "anodev2_conf1", 4 * 2 * 2 * 16),
+        ("resnet10", "anodev2_conf2", 1 * 2 * 2 * (16 + 16 + 32)),
+        ("alexnet", "anodev2_conf1", 4 * 2 * 64),
+    ],
+)
+def test_per_evaluation_norm_params_add_a_batch_norm_per_extra_evaluation(name, variant, extra):
+    variant_index = models.VARIANTS.index(variant)
+    model = models.create_model(name, variant, norm_params="per_evaluation")
+    assert models.count_params(abstract_variables(model)["params"]) == (
+        PARAM_COUNTS[name][variant_index] + extra
+    )
 
 
 # -- shapes, dtypes, validation --------------------------------------------------------------------
@@ -136,7 +176,8 @@ def test_init_and_a_jitted_float32_training_step():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
     assert tree_allclose(block["bn1"], {"scale": jnp.ones(16), "bias": jnp.zeros(16)})
     assert tree_allclose(
-        variables["batch_stats"]["layer1_1"]["bn2"], {"mean": jnp.zeros(16), "var": jnp.ones(16)}
+        variables["batch_stats"]["layer1_1"]["bn2"],
+        {"mean": jnp.zeros((5, 16)), "var": jnp.ones((5, 16))},
     )
     # He-normal over fan_out = 3·3·16 for the evolved kernels
     assert 0.8 < float(jnp.std(block["w0"]["conv1"]) * np.sqrt(144 / 2)) < 1.2
@@ -172,6 +213,9 @@ def test_conv_impl_reaches_every_convolution(monkeypatch):
         (("resnet4", "anodev2_conf2"), {"num_z_steps": 3}, "schedule='conf2'"),
         (("resnet4", "anodev2_conf1"), {"method": "rk2"}, "not on the weight grid"),
         (("resnet4", "anode"), {"evolution": "rda"}, "not an evolution operator"),
+        (("resnet4", "anode"), {"norm_params": "per_step"}, "norm_params='per_step' is unknown"),
+        (("resnet4", "anode"), {"coupling": "exponential"}, "coupling='exponential' is not a"),
+        (("resnet4", "anode"), {"coupling": Mixing(np.eye(6))}, r"pass a \(3, 3\) matrix"),
         (("resnet4", "anode"), {"conv_impl": "cudnn"}, "conv_impl='cudnn' is unknown"),
         (("resnet4", "anode"), {"dtype": jnp.float16}, "float32 or float64"),
     ],
@@ -209,12 +253,15 @@ def test_baseline_equals_one_step_ode_blocks_with_zero_evolution(name):
     ode = models.create_model(name, "anode", num_z_steps=1, dtype=F64)
     x = images()
     variables = random_variables(baseline, 2)
-    assert jax.tree.structure(abstract_variables(ode, F64)) == jax.tree.structure(variables)
+    # the one-step block keeps its statistics as one (1, C) row per BatchNorm, the plain (C,)
+    abstract = abstract_variables(ode, F64)
+    ode_variables = jax.tree.map(lambda x, a: x.reshape(a.shape), variables, abstract)
     out_b, stats_b = baseline.apply(variables, x, train=True, mutable=["batch_stats"])
-    out_o, stats_o = ode.apply(variables, x, train=True, mutable=["batch_stats"])
+    out_o, stats_o = ode.apply(ode_variables, x, train=True, mutable=["batch_stats"])
+    stats_o = jax.tree.map(lambda x: x.reshape(-1), stats_o)
     assert tree_allclose((out_b, stats_b), (out_o, stats_o), rtol=1e-13, atol=1e-13)
     eval_b = baseline.apply(variables, x, train=False)
-    eval_o = ode.apply(variables, x, train=False)
+    eval_o = ode.apply(ode_variables, x, train=False)
     assert tree_allclose(eval_b, eval_o, rtol=1e-13, atol=1e-13)
     assert not tree_allclose(out_b, eval_b, rtol=1e-3)  # train and eval BatchNorm differ
 
@@ -232,26 +279,28 @@ def reference_block(z, params, stats, num_steps, train):
             )
         )
 
-    def bn(x, name):
+    def bn(x, name, n):
         if train:
             mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
-        else:
-            mean, var = np.asarray(stats[name]["mean"]), np.asarray(stats[name]["var"])
+        else:  # evaluation n's own running statistics
+            mean, var = np.asarray(stats[name]["mean"][n]), np.asarray(stats[name]["var"][n])
         seen[name].append((mean, var))
-        scale, bias = np.asarray(params[name]["scale"]), np.asarray(params[name]["bias"])
+        scale, bias = (np.asarray(params[name][v]) for v in ("scale", "bias"))
+        if scale.ndim == 2:  # norm_params="per_evaluation"
+            scale, bias = scale[n], bias[n]
         return (x - mean) / np.sqrt(var + 1e-5) * scale + bias
 
     seen = {"bn1": [], "bn2": []}
     z = np.asarray(z)
-    for _ in range(num_steps):
-        h = np.maximum(bn(conv(z, params["w0"]["conv1"]), "bn1"), 0.0)
-        z = z + bn(conv(h, params["w0"]["conv2"]), "bn2") / num_steps
+    for n in range(num_steps):
+        h = np.maximum(bn(conv(z, params["w0"]["conv1"]), "bn1", n), 0.0)
+        z = z + bn(conv(h, params["w0"]["conv2"]), "bn2", n) / num_steps
     return np.maximum(z, 0.0), seen
 
 
 @pytest.mark.parametrize("gradient", ["dto", "otd", "backprop"])
-def test_running_statistics_fold_the_forward_moments_once_per_step(gradient):
-    num_steps, momentum = 3, models.BN_MOMENTUM
+def test_running_statistics_fold_each_evaluations_forward_moments_once_per_step(gradient):
+    num_steps, momentum = 3, norm_lib.BN_MOMENTUM
     block = models.ODEBlock(
         3, "resnet", models.ODEConfig(num_z_steps=num_steps, gradient=gradient), dtype=F64
     )
@@ -263,9 +312,9 @@ def test_running_statistics_fold_the_forward_moments_once_per_step(gradient):
     expected = {
         name: {
             "mean": momentum * stats[name]["mean"]
-            + (1 - momentum) * np.mean([m for m, _ in seen[name]], axis=0),
+            + (1 - momentum) * np.stack([m for m, _ in seen[name]]),
             "var": momentum * stats[name]["var"]
-            + (1 - momentum) * np.mean([v for _, v in seen[name]], axis=0),
+            + (1 - momentum) * np.stack([v for _, v in seen[name]]),
         }
         for name in ("bn1", "bn2")
     }
@@ -289,41 +338,37 @@ def test_running_statistics_fold_the_forward_moments_once_per_step(gradient):
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
-def test_evaluation_normalizes_with_the_running_statistics():
-    block = models.ODEBlock(3, "resnet", models.ODEConfig(num_z_steps=2), dtype=F64)
+@pytest.mark.parametrize("norm_params", ["shared", "per_evaluation"])
+def test_evaluation_n_normalizes_with_its_own_running_statistics(norm_params):
+    ode = models.ODEConfig(num_z_steps=3, norm_params=norm_params)
+    block = models.ODEBlock(3, "resnet", ode, dtype=F64)
     z = normal((2, 6, 6, 3), 4)
     variables = random_variables(block, 5, shape=z.shape)
     params, stats = variables["params"], variables["batch_stats"]
     out = block.apply(variables, z, train=False)
-    out_ref, _ = reference_block(z, params, stats, 2, train=False)
+    out_ref, _ = reference_block(z, params, stats, 3, train=False)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
+    # and the rows matter: evaluation with every row replaced by the average differs
+    averaged = jax.tree.map(lambda x: jnp.broadcast_to(x.mean(0), x.shape), stats)
+    assert not np.allclose(block.apply({"params": params, "batch_stats": averaged}, z, False), out)
+
+
+def test_per_evaluation_norm_params_in_training_equal_the_reference_and_get_gradients():
+    ode = models.ODEConfig(num_z_steps=3, norm_params="per_evaluation")
+    block = models.ODEBlock(3, "resnet", ode, dtype=F64)
+    z = normal((2, 6, 6, 3), 4)
+    variables = random_variables(block, 5, shape=z.shape)
+    out, _ = block.apply(variables, z, train=True, mutable=["batch_stats"])
+    out_ref, _ = reference_block(z, variables["params"], variables["batch_stats"], 3, train=True)
     np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
 
+    def loss(params):
+        out, _ = block.apply({**variables, "params": params}, z, True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(out))
 
-def test_training_batch_norm_gradient_is_autodiff_of_its_formula():
-    x = normal((4, 3, 5, 6), 0) * 2.0 + 1.0
-    scale, bias = normal((6,), 1), normal((6,), 2)
-
-    def autodiff(x, scale, bias):  # the plain formula, differentiated by JAX
-        moments = models.batch_moments(x)
-        inv = scale * jax.lax.rsqrt(moments["var"] + models.BN_EPSILON)
-        channels = lambda v: v.reshape(1, 1, 1, -1)
-        return (x - channels(moments["mean"])) * channels(inv) + channels(bias), moments
-
-    def loss(bn):
-        def fn(x, scale, bias):
-            y, moments = bn(x, scale, bias)
-            moment_terms = jnp.sum(moments["mean"] ** 3) + jnp.sum(moments["var"] ** 2)
-            return jnp.sum(jnp.sin(y)) + moment_terms
-
-        return fn
-
-    closed_form = lambda x, s, b: models.batch_norm(x, {"scale": s, "bias": b}, True)
-    args = (x, scale, bias)
-    assert tree_allclose(closed_form(*args), autodiff(*args), rtol=1e-14)
-    for order in (jax.grad, jax.hessian):
-        expected = order(loss(autodiff), (0, 1, 2))(*args)
-        assert tree_relative_error(order(loss(closed_form), (0, 1, 2))(*args), expected) < 1e-12
-    check_grads(loss(closed_form), args, order=2, modes=("rev",))
+    grads = jax.grad(loss)(variables["params"])
+    for name in ("bn1", "bn2"):  # every evaluation's own scale and offset are trained
+        assert all(np.all(np.abs(g).sum(axis=1) > 0) for g in grads[name].values())
 
 
 def test_max_pool_equals_flax_max_pool_and_its_gradient_without_ties():
@@ -337,18 +382,6 @@ def test_max_pool_equals_flax_max_pool_and_its_gradient_without_ties():
         np.testing.assert_array_equal(*grads)
     with pytest.raises(ValueError, match="window 3 does not divide the input's 8x8"):
         models.max_pool(x, 3)
-
-
-def test_fold_moments_averages_the_evaluations_then_applies_momentum_once():
-    stats = {"mean": jnp.array([1.0, 2.0]), "var": jnp.array([3.0, 4.0])}
-    moments = [
-        {"mean": jnp.array([0.0, 4.0]), "var": jnp.array([1.0, 1.0])},
-        {"mean": jnp.array([2.0, 0.0]), "var": jnp.array([3.0, 5.0])},
-    ]
-    new = models.fold_moments(stats, moments, momentum=0.75)
-    assert tree_allclose(
-        new, {"mean": jnp.array([1.0, 2.0]), "var": jnp.array([2.75, 3.75])}, rtol=1e-15
-    )
 
 
 # -- gradients -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from jax.test_util import check_grads
 from test_models import random_variables
 
 from anodev2_jax import coupled_solve, models, training
+from anodev2_jax import normalization as norm_lib
 from anodev2_jax.adjoint import kkt_gradients
 
 pytestmark = pytest.mark.gradients
@@ -26,9 +27,11 @@ VARIANTS = ("anodev2_conf1", "anodev2_conf2")
 
 
 @functools.cache
-def problem(variant: str, gradient: str = "dto") -> dict:
+def problem(variant: str, gradient: str = "dto", norm_params: str = "shared") -> dict:
     """The model, its random variables, a batch of 4 images and labels, and its loss J(params)."""
-    model = models.create_model("resnet4", variant, dtype=F64, gradient=gradient)
+    model = models.create_model(
+        "resnet4", variant, dtype=F64, gradient=gradient, norm_params=norm_params
+    )
     # RDA parameters, BatchNorm scales and offsets away from their init (see random_variables).
     variables = random_variables(model, 2)
     rng = np.random.default_rng(7)
@@ -45,8 +48,8 @@ def problem(variant: str, gradient: str = "dto") -> dict:
 
 
 @functools.cache
-def model_gradient(variant: str, gradient: str = "dto") -> dict:
-    p = problem(variant, gradient)
+def model_gradient(variant: str, gradient: str = "dto", norm_params: str = "shared") -> dict:
+    p = problem(variant, gradient, norm_params)
     return jax.grad(p["loss"])(p["params"])
 
 
@@ -75,12 +78,20 @@ def test_dto_gradient_of_the_model_loss_equals_backprop(variant):
 
 
 # -- the KKT recursion on the block, with the stem's and head's VJPs, is jax.grad ------------------
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_kkt_recursion_on_the_block_gives_the_model_gradient(variant):
-    p = problem(variant)
+@pytest.mark.parametrize(
+    "variant, norm_params",
+    [*((v, "shared") for v in VARIANTS), ("anodev2_conf2", "per_evaluation")],
+)
+def test_kkt_recursion_on_the_block_gives_the_model_gradient(variant, norm_params):
+    p = problem(variant, norm_params=norm_params)
     model, params, loss = p["model"], p["params"], p["loss"]
     block, ode = params["layer1_1"], model.ode
-    f = functools.partial(models.resnet_field, train=True, conv_impl=model.conv_impl)
+
+    def f(z, theta, norms, k):
+        """The block's field at evaluation k (per-evaluation scale and offset: row k)."""
+        norms = {name: norm_lib.at_evaluation(norm, k) for name, norm in norms.items()}
+        return models.resnet_field(z, theta, norms, train=True, conv_impl=model.conv_impl)
+
     solve_kwargs = dict(
         evolution=ode.evolution,
         num_z_steps=ode.num_z_steps,
@@ -88,6 +99,7 @@ def test_kkt_recursion_on_the_block_gives_the_model_gradient(variant):
         schedule=ode.schedule,
         method=ode.method,
         has_aux=True,
+        indexed=True,
     )
     norms = {name: block[name] for name in ("bn1", "bn2")}
 
@@ -110,7 +122,7 @@ def test_kkt_recursion_on_the_block_gives_the_model_gradient(variant):
         assert not any(jnp.any(g != 0) for name in others for g in jax.tree.leaves(grads[name]))
 
     got = tree_add(head_grads, stem_grads) | {"layer1_1": block_grads}
-    expected = model_gradient(variant)
+    expected = model_gradient(variant, norm_params=norm_params)
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     assert tree_relative_error(got, expected) <= 1e-12
 

@@ -27,6 +27,9 @@ print(json.dumps({
     "prefix": sys.prefix,
     "gaps": gaps,
     "dto_vs_backprop": relative_difference(dto, backprop),
+    "exponential_theta0": float(jnp.max(jnp.abs(thetas["exponential, λ = 4"][0]))),
+    "dirac_theta_is_w": all(bool(jnp.all(t == w)) for t, w in zip(thetas["Dirac: θ = w"], ws)),
+    "kernel_weight_at_1": float(jnp.sum(kappa[-1])),
 }))"""
 
 
@@ -70,7 +73,8 @@ def test_kernel_is_this_python(executed):
 def test_every_figure_is_drawn(executed):
     nb, _ = executed
     plotting = [c for c in nb.cells if c.cell_type == "code" and "plt.show()" in c.source]
-    assert len(plotting) >= 2  # Figure 3's kernel grid and the DTO/OTD convergence plot
+    # Figure 3's kernel grid, the DTO/OTD convergence plot, θ(t) through three time kernels
+    assert len(plotting) >= 3
     for cell in plotting:
         images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
         assert len(images) == 1, cell.source[:60]
@@ -95,3 +99,11 @@ def test_otd_gradient_approaches_dto_as_num_z_steps_grows(executed):
 def test_dto_is_the_backprop_gradient(executed):
     _, report = executed
     assert report["dto_vs_backprop"] < 1e-5
+
+
+def test_time_kernels_show_theta_as_the_paper_defines_it(executed):
+    _, report = executed
+    assert report["dirac_theta_is_w"]
+    assert report["exponential_theta0"] == 0.0  # no Dirac part: θ(0) = 0
+    # trapezoid weight of λe^{-λs} over [0, 1], λ = 4, δ = 0.05: ≈ 1 - e^{-4} = 0.9817
+    assert abs(report["kernel_weight_at_1"] - 0.98168) < 0.01

@@ -173,6 +173,8 @@ def test_the_protocols_load_and_validate():
         expected = (120, (40, 80, 100)) if cell.model == "alexnet" else (350, (150, 300))
         assert (cell.config.num_epochs, tuple(cell.config.lr_decay_epochs)) == expected
         assert cell.config.num_seeds == 5 and cell.config.data_source == "auto"
+        # the node remedy (README): only node's cells clip the gradient
+        assert cell.config.grad_clip_norm == (1.0 if cell.variant == "node" else None)
 
 
 def test_the_command_rewrites_the_report_from_a_protocol_file(harness, tmp_path):

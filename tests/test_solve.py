@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 from conftest import tree_relative_error
 
-from anodev2_jax import MLP, RDA, Linear, Zero, coupled_solve, make_plan, vector_field
+from anodev2_jax import (
+    MLP,
+    RDA,
+    DiracPlus,
+    Exponential,
+    Linear,
+    Zero,
+    coupled_solve,
+    make_plan,
+    vector_field,
+)
 
 
 def conv(z, kernel):
@@ -38,8 +48,9 @@ def problem():
 def loss_fn(**solve_kwargs):
     probe = jax.random.normal(jax.random.key(7), (2, 5, 5, 2))
 
-    def loss(z0, w0, p, args):
-        return jnp.sum(probe * coupled_solve(f, z0, w0, p, args, **solve_kwargs))
+    def loss(z0, w0, p, args, coupling_params=None):
+        z1 = coupled_solve(f, z0, w0, p, args, coupling_params=coupling_params, **solve_kwargs)
+        return jnp.sum(probe * z1)
 
     return loss
 
@@ -57,6 +68,64 @@ def test_one_step_with_zero_evolution_is_exactly_the_residual_block(problem):
     z0, w0, _, args = problem
     out = coupled_solve(f, z0, w0, None, args, evolution=Zero(), num_z_steps=1)
     np.testing.assert_array_equal(out, z0 + f(z0, w0, args))
+
+
+def indexed_f(z, theta, args, k):
+    """f with a bias per evaluation k: args["bias"] is (evaluations, channels)."""
+    return f(z, theta, {"bias": args["bias"][k]})
+
+
+@pytest.mark.parametrize("method, num_z_steps", [("euler", 3), ("rk2", 2), ("rk4", 1)])
+def test_an_indexed_field_gets_each_evaluation_index_once_in_order(problem, method, num_z_steps):
+    z0, w0, p, args = problem
+    seen = []
+
+    def recording_f(z, theta, args, k):
+        seen.append(k)
+        return f(z, theta, args)
+
+    nw = 4 * num_z_steps
+    coupled_solve(recording_f, z0, w0, p, args, num_z_steps=num_z_steps, num_w_steps=nw,
+                  method=method, indexed=True)  # fmt: skip
+    evaluations = make_plan(num_z_steps, nw, method=method).num_evaluations
+    assert seen == [0, *range(evaluations)]  # check_inputs' abstract call, then the solve
+
+
+def indexed_gradients(problem, gradient, num_z_steps, method, bias, static=False):
+    """∂/∂(z0, w0, bias) of a probe of the solve with one bias row per evaluation (θ static
+    with ``static``, else RDA-evolved)."""
+    z0, w0, p, _ = problem
+    kwargs = dict(num_z_steps=num_z_steps, num_w_steps=2 * num_z_steps, method=method)
+    if static:
+        kwargs.update(evolution=Zero())
+        p = None
+    probe = jax.random.normal(jax.random.key(7), z0.shape)
+
+    def loss(z0, w0, bias):
+        z1 = coupled_solve(
+            indexed_f, z0, w0, p, {"bias": bias}, gradient=gradient, indexed=True, **kwargs
+        )
+        return jnp.sum(probe * z1)
+
+    return jax.grad(loss, (0, 1, 2))(z0, w0, bias)
+
+
+def test_indexed_fields_have_the_exact_dto_gradient(problem):
+    bias = 0.3 * jax.random.normal(jax.random.key(3), (4, 2))  # Nz = 2, RK2: 4 evaluations
+    dto = indexed_gradients(problem, "dto", 2, "rk2", bias)
+    assert tree_relative_error(dto, indexed_gradients(problem, "backprop", 2, "rk2", bias)) < 1e-12
+    assert float(jnp.min(jnp.abs(dto[2]).sum(axis=1))) > 0  # every evaluation's row is used
+
+
+def test_otd_with_an_indexed_field_converges_to_the_exact_gradient(problem):
+    """OTD's backward stage i uses forward evaluation i's parameters: the error is O(h)."""
+    errors = []
+    for num_z_steps in (16, 64):
+        bias = jnp.linspace(0.0, 1.0, num_z_steps)[:, None] * jnp.array([[0.2, -0.1]])
+        otd = indexed_gradients(problem, "otd", num_z_steps, "euler", bias, static=True)
+        exact = indexed_gradients(problem, "backprop", num_z_steps, "euler", bias, static=True)
+        errors.append(tree_relative_error(otd, exact))
+    assert errors[1] < errors[0] / 3, errors
 
 
 @pytest.mark.parametrize(
@@ -94,16 +163,18 @@ def test_schedules_apply_the_weights_of_the_spec(problem, kwargs, expected):
         (RDA(), dict(num_z_steps=5)),
         (RDA(), dict(num_z_steps=2, num_w_steps=10, schedule="conf2")),
         (MLP(hidden=3), dict(num_z_steps=2, num_w_steps=4, method="rk4")),
+        (RDA(), dict(num_z_steps=2, num_w_steps=10, schedule="conf2", coupling=Exponential())),
     ],
 )
 def test_dto_gradient_equals_backprop(problem, evolution, kwargs):
     z0, w0, p, args = problem
     if isinstance(evolution, MLP):
         p = jax.tree.map(lambda x: x + 0.2, evolution.init(w0, jax.random.key(0)))
-    argnums = (0, 1, 2, 3)
+    c = kwargs["coupling"].init(w0) if "coupling" in kwargs else None
+    argnums = (0, 1, 2, 3, 4)
     dto = jax.grad(loss_fn(evolution=evolution, gradient="dto", **kwargs), argnums)
     plain = jax.grad(loss_fn(evolution=evolution, gradient="backprop", **kwargs), argnums)
-    assert tree_relative_error(dto(z0, w0, p, args), plain(z0, w0, p, args)) < 1e-12
+    assert tree_relative_error(dto(z0, w0, p, args, c), plain(z0, w0, p, args, c)) < 1e-12
 
 
 def test_otd_gradient_converges_to_dto_and_differs_when_coarse(problem):
@@ -131,6 +202,7 @@ def test_trajectory_and_aux(problem):
         has_aux=True, return_trajectory=True,
     )  # fmt: skip
     assert len(traj.z) == 3 and len(traj.w) == 11 and len(auxs) == 2
+    assert traj.theta == traj.w  # the Dirac coupling: θ_j is w_j itself
     z1, auxs1 = coupled_solve(
         f_aux, z0, w0, p, args, num_z_steps=2, num_w_steps=10, schedule="conf2", has_aux=True
     )
@@ -142,8 +214,10 @@ def test_trajectory_and_aux(problem):
 @pytest.mark.parametrize("gradient", ["dto", "otd", "backprop"])
 def test_float32_in_float32_out(problem, gradient):
     z0, w0, p, args = jax.tree.map(lambda x: x.astype(jnp.float32), problem)
-    loss = jax.jit(loss_fn(num_z_steps=2, gradient=gradient))
-    grads = jax.grad(loss, (0, 1, 2, 3))(z0, w0, p, args)
+    coupling = DiracPlus() if gradient == "dto" else None  # a kernel's κ in float32 too
+    c = None if coupling is None else coupling.init(w0)
+    loss = jax.jit(loss_fn(num_z_steps=2, gradient=gradient, coupling=coupling))
+    grads = jax.grad(loss, (0, 1, 2, 3, 4))(z0, w0, p, args, c)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     assert coupled_solve(f, z0, w0, p, args, num_z_steps=2).dtype == jnp.float32
 
@@ -182,33 +256,40 @@ def test_fine_coupled_solve_converges_to_an_adaptive_diffrax_solve(problem):
 
 
 # -- memory: ANODE's O(L) + O(Nt) claim, on the compiled program -----------------------------------
-def gradient_temp_bytes(num_blocks: int, num_steps: int, gradient: str) -> int:
-    """Temp bytes of the compiled gradient of a stack of ODE blocks (conv f, float32)."""
+def gradient_temp_bytes(num_blocks: int, num_steps: int, gradient: str, kernel=None) -> int:
+    """Temp bytes of the compiled gradient of a stack of ODE blocks (conv f, float32), with
+    θ = w or, given a ``kernel``, θ_j = Σ_m κ_{j,m} w_m (its parameters differentiated too)."""
     z0 = jax.ShapeDtypeStruct((8, 16, 16, 8), jnp.float32)
     ws = [jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)] * num_blocks
+    cs = [None if kernel is None else kernel.init(w) for w in ws]
     block = functools.partial(
-        coupled_solve, evolution=Zero(), num_z_steps=num_steps, gradient=gradient
+        coupled_solve, evolution=Zero(), coupling=kernel, num_z_steps=num_steps, gradient=gradient
     )
 
-    def loss(ws, z):
-        for w in ws:
-            z = block(lambda z, theta, _: jnp.tanh(conv(z, theta)), z, w)
+    def loss(params, z):
+        for w, c in zip(*params, strict=True):
+            z = block(lambda z, theta, _: jnp.tanh(conv(z, theta)), z, w, coupling_params=c)
         return jnp.sum(z)
 
-    compiled = jax.jit(jax.grad(loss)).lower(ws, z0).compile()
+    compiled = jax.jit(jax.grad(loss)).lower((ws, cs), z0).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_dto_memory_is_o_of_blocks_plus_steps():
-    dto = {L: gradient_temp_bytes(L, 10, "dto") for L in (1, 4)}
-    plain = {L: gradient_temp_bytes(L, 10, "backprop") for L in (1, 4)}
-    print(f"temp bytes, Nt=10, L=1,4: dto {dto}, backprop {plain}")
-    assert dto[4] <= 1.5 * dto[1]
-    assert plain[4] >= 3 * plain[1]
-    dto_nt = {nt: gradient_temp_bytes(4, nt, "dto") for nt in (2, 20)}
-    plain_nt = {nt: gradient_temp_bytes(4, nt, "backprop") for nt in (2, 20)}
-    print(f"temp bytes, L=4, Nt=2,20: dto {dto_nt}, backprop {plain_nt}")
-    assert dto_nt[20] - dto_nt[2] <= (plain_nt[20] - plain_nt[2]) / 3
+    """Also with the exponential kernel, whose θ_j mix all earlier w_m: still O(L) + O(Nt).
+    (Its grid stops at Nt = 10: XLA:CPU takes seconds to compile the mixing of 21 kernels.)"""
+    grid = ((1, 10), (4, 10), (4, 2), (4, 20))
+    plain = {(L, nt): gradient_temp_bytes(L, nt, "backprop") for L, nt in grid}
+    dto = {(L, nt): gradient_temp_bytes(L, nt, "dto") for L, nt in grid}
+    print(f"temp bytes at (L, Nt) = {grid}: dto {dto}, backprop {plain}")
+    assert dto[4, 10] <= 1.5 * dto[1, 10]
+    assert plain[4, 10] >= 3 * plain[1, 10]
+    assert dto[4, 20] - dto[4, 2] <= (plain[4, 20] - plain[4, 2]) / 3
+    kernel = {(L, nt): gradient_temp_bytes(L, nt, "dto", Exponential()) for L, nt in grid[:3]}
+    print(f"exponential kernel, dto: {kernel}")
+    assert kernel[4, 10] <= 1.5 * kernel[1, 10]
+    assert kernel[4, 10] - kernel[4, 2] <= (plain[4, 10] - plain[4, 2]) / 3
+    assert kernel[4, 10] <= 1.2 * dto[4, 10]  # the θ_j cost little beside the activations
 
 
 # -- validation at the boundary --------------------------------------------------------------------

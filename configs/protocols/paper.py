@@ -24,4 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     protocol.num_epochs = config_dict.placeholder(int)
     # Fields of every cell's training config (configs/default.py).
     protocol.training = ml_collections.ConfigDict({"progress_bar": False})
+    # Fields of one variant's cells. node: the Neural ODE adjoint's inexact gradient drives
+    # ResNet-4 to chance at lr 0.1 (10 % after 5 epochs, measured; README); clipped to global
+    # norm 1 it trains (38.4 %). Our second deviation from the paper's text, like the warm-up.
+    protocol.variant_training = ml_collections.ConfigDict({"node": {"grad_clip_norm": 1.0}})
     return protocol.lock()
