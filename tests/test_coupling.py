@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_solve
 from conftest import tree_relative_error
 
 from anodev2_jax import (
@@ -26,27 +27,8 @@ from anodev2_jax import (
 )
 from anodev2_jax.solve import weight_trajectory
 
-
-def conv(z, kernel):
-    return jax.lax.conv_general_dilated(
-        z, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
-def f(z, theta, args):
-    """A small conv field: tanh(conv3x3(z, θ) + b)."""
-    return jnp.tanh(conv(z, theta) + args["bias"][None, None, None, :])
-
-
-@pytest.fixture
-def problem():
-    keys = jax.random.split(jax.random.key(1), 3)
-    z0 = jax.random.normal(keys[0], (2, 5, 5, 2))
-    w0 = 0.5 * jax.random.normal(keys[1], (3, 3, 2, 2))
-    p = {"diffusion": -1.0, "vx": 0.4, "vy": 0.3, "rho": -0.2}
-    args = {"bias": 0.1 * jax.random.normal(keys[2], (2,))}
-    return z0, w0, jax.tree.map(jnp.asarray, p), args
-
+f = test_solve.f
+problem = test_solve.problem  # the same fixture: z0, w0, RDA parameters p, args
 
 PLANS = {
     "conf1": dict(num_z_steps=5),
