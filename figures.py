@@ -1,10 +1,13 @@
-"""Remake the paper's Figures 1, 4, 5 from a trained run: an evolved kernel at t = 0 … 1.
+"""Remake the figures from trained runs: the paper's Figures 1, 4, 5, and accuracy curves.
 
     python figures.py --workdir=runs/repro/resnet4-anodev2_conf1 --out=docs/figure4.png
+    python figures.py --figure=accuracy --workdir=runs/repro --out=runs/repro/test_accuracy.png
 
-Plots input channel --in_channel of output filter --out_channel of the first evolved kernel
-of the first ODE block (or --block, --kernel) of seed --seed_index of the run, at every weight
-step of the trained block, with the learned d, v, ρ in the caption (anodev2_jax/figures.py).
+--figure=kernel (default): plots input channel --in_channel of output filter --out_channel of
+the first evolved kernel of the first ODE block (or --block, --kernel) of seed --seed_index of
+the run, at every weight step of the trained block, with the learned d, v, ρ in the caption.
+--figure=accuracy: the test accuracy per epoch of every run in a reproduce.py workdir, the mean
+over seeds as a line and the min–max band, one colour per variant (anodev2_jax/figures.py).
 """
 
 from absl import app, flags
@@ -12,7 +15,13 @@ from absl import app, flags
 from anodev2_jax import figures
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (train.py or one cell of reproduce.py).")
+flags.DEFINE_enum("figure", "kernel", ["kernel", "accuracy"], "Which figure to draw.")
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "kernel: a run directory (train.py or one cell of reproduce.py); "
+    "accuracy: a reproduce.py workdir.",
+)
 flags.DEFINE_string("out", None, "Output image, e.g. docs/figure4.png (format from the suffix).")
 flags.DEFINE_integer("seed_index", 0, "Which seed of a num_seeds run (0 = its config.seed).")
 flags.DEFINE_string("block", None, "ODE block (default: the first with evolved weights).")
@@ -24,6 +33,11 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
     del argv
+    if FLAGS.figure == "accuracy":
+        curves = figures.accuracy_curves(FLAGS.workdir)
+        out = figures.save_figure(figures.plot_accuracy_curves(curves), FLAGS.out)
+        print(f"{out}: " + ", ".join(f"{c.model}-{c.variant}" for c in curves))
+        return
     evolution = figures.kernel_evolution(
         FLAGS.workdir,
         seed_index=FLAGS.seed_index,

@@ -6,6 +6,11 @@ checkpoint and solves the block's weight ODE from the trained w0 and p,
 w_{m+1} = Φ_δ(w_m; p) for m = 0 … Nw-1 (``solve.weight_trajectory``), and
 :func:`plot_kernel_evolution` draws one input channel of one output filter of one kernel at
 t = m/Nw, with the learned d = softplus(diffusion), v = (vx, vy) and ρ in the caption.
+
+From the run directories of a reproduction (or any train.py runs), :func:`accuracy_curves`
+reads each run's per-epoch test accuracies from its metrics.jsonl and
+:func:`plot_accuracy_curves` draws them: the mean over seeds as a line, the min–max band around
+it, one colour per variant.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from anodev2_jax import evolution as evolution_lib
-from anodev2_jax import paper, training
+from anodev2_jax import models, paper, training
 from anodev2_jax import seeds as seeds_lib
 from anodev2_jax import solve as solve_lib
 
@@ -48,6 +53,22 @@ class KernelEvolution:
     kernels: np.ndarray
     times: np.ndarray
     coefficients: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyCurve:
+    """The test accuracy of one run after each epoch, per seed.
+
+    ``epochs``: (E,) the epochs (1-based) every seed has a test record for; ``accuracy``:
+    (num_seeds, E) test accuracy in %, eval mode; ``num_epochs``: the run's planned length.
+    """
+
+    model: str
+    variant: str
+    seeds: list[int]
+    epochs: np.ndarray
+    accuracy: np.ndarray
+    num_epochs: int
 
 
 def run_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -144,6 +165,71 @@ def kernel_evolution(
         times=np.arange(num_w_steps + 1) / num_w_steps,
         coefficients=coefficients,
     )
+
+
+def accuracy_curve(workdir: str | os.PathLike) -> AccuracyCurve:
+    """The per-epoch test accuracies of the run in ``workdir`` (from its metrics.jsonl)."""
+    workdir = Path(workdir)
+    config = run_config(workdir)
+    seeds = seeds_lib.seed_list(config.seed, config.num_seeds)
+    by_epoch: dict[int, dict[int, float]] = {}
+    for record in training.read_metrics(workdir / "metrics.jsonl"):
+        if record["kind"] == "test":
+            seed = record.get("seed", config.seed)
+            by_epoch.setdefault(record["epoch"], {})[seed] = 100 * record["accuracy"]
+    epochs = sorted(e for e, found in by_epoch.items() if set(seeds) <= set(found))
+    return AccuracyCurve(
+        model=config.model,
+        variant=config.variant,
+        seeds=seeds,
+        epochs=np.asarray(epochs, dtype=int),
+        accuracy=np.asarray([[by_epoch[e][s] for e in epochs] for s in seeds]).reshape(
+            len(seeds), len(epochs)
+        ),
+        num_epochs=config.num_epochs,
+    )
+
+
+def accuracy_curves(root: str | os.PathLike) -> list[AccuracyCurve]:
+    """The curves of every run directly under ``root`` (a reproduce.py workdir) that has a
+    test record, in the order of :data:`anodev2_jax.models.VARIANTS` within each model."""
+    runs = [
+        path
+        for path in sorted(Path(root).iterdir())
+        if (path / "config.json").exists() or (path / "results.json").exists()
+    ]
+    curves = [curve for curve in map(accuracy_curve, runs) if len(curve.epochs)]
+    order = {variant: i for i, variant in enumerate(models.VARIANTS)}
+    return sorted(curves, key=lambda c: (c.model, order.get(c.variant, len(order))))
+
+
+def plot_accuracy_curves(curves: list[AccuracyCurve]) -> Any:
+    """A matplotlib Figure, one panel per model: test accuracy (%) against epoch, per variant
+    the mean over seeds as a line and the min–max over seeds as a band."""
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("no run has a test record yet: nothing to plot")
+    model_names = sorted({c.model for c in curves})
+    figure = Figure(figsize=(6.4 * len(model_names), 4.4), layout="constrained")
+    axes = figure.subplots(1, len(model_names), squeeze=False)[0]
+    colours = {variant: f"C{i}" for i, variant in enumerate(models.VARIANTS)}
+    for ax, model in zip(axes, model_names, strict=True):
+        for curve in (c for c in curves if c.model == model):
+            colour = colours.get(curve.variant, "k")
+            done = curve.epochs[-1]
+            label = f"{curve.variant} ({len(curve.seeds)} seeds"
+            label += ")" if done == curve.num_epochs else f", epoch {done}/{curve.num_epochs})"
+            ax.plot(curve.epochs, curve.accuracy.mean(0), color=colour, label=label)
+            ax.fill_between(
+                curve.epochs, curve.accuracy.min(0), curve.accuracy.max(0), color=colour, alpha=0.2
+            )
+        ax.set_title(paper.MODEL_NAMES.get(model, model))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%), eval mode")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    return figure
 
 
 def caption(evolution: KernelEvolution) -> str:

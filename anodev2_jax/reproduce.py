@@ -8,7 +8,8 @@ before it trains) resumes from its last checkpoint; both must have been made wit
 config as the protocol now asks (up to :data:`RUN_MECHANICS`), else a ``ValueError`` names the
 fields that differ before anything trains. After every cell the report is rewritten:
 ``WORKDIR/results.json`` and ``WORKDIR/results.md``, both computed from the cells'
-``results.json`` files alone (and parameter counts from the model definitions).
+``results.json`` files alone (and parameter counts from the model definitions), and
+``WORKDIR/test_accuracy.png``, the per-epoch test accuracy of every started cell.
 
 Epochs: ``protocol.num_epochs = None`` keeps each model config's own (the paper's 350, AlexNet
 120, with its decay epochs); a number compresses the model's step schedule to that length,
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from anodev2_jax import models, paper, training
+from anodev2_jax import figures, models, paper, training
 from anodev2_jax import seeds as seeds_lib
 
 # Config fields that change how a cell runs but not what it computes (up to summation order):
@@ -58,6 +59,7 @@ PROTOCOL_FIELDS = (
     "training",
 )
 CONFIG_FILE = "config.json"
+ACCURACY_FIGURE = "test_accuracy.png"  # per-epoch test accuracy of every started cell
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +367,8 @@ def write_report(
     counts: Mapping[tuple[str, str], Mapping[str, int]],
     command: str,
 ) -> dict:
-    """Write ``root/results.json`` and ``root/results.md`` (atomically); return the dict."""
+    """Write ``root/results.json``, ``root/results.md`` and, once a cell has a test record,
+    ``root/test_accuracy.png`` (each atomically); return the dict."""
     summaries = [cell_summary(cell, root) for cell in cells]
     report = {
         "protocol": _plain(protocol),
@@ -386,6 +389,10 @@ def write_report(
     }
     training.write_json_atomic(root / "results.json", report)
     _write_text_atomic(root / "results.md", results_markdown(report))
+    started = [cell.workdir for cell in cells if (cell.workdir / CONFIG_FILE).exists()]
+    curves = [c for c in map(figures.accuracy_curve, started) if len(c.epochs)]
+    if curves:
+        figures.save_figure(figures.plot_accuracy_curves(curves), root / ACCURACY_FIGURE)
     return report
 
 
@@ -430,6 +437,8 @@ def results_markdown(report: dict) -> str:
         "model's baseline mean.",
         "",
         "## Test accuracy beside the paper (Tables 1, 2, 4)",
+        "",
+        f"Per epoch: [{ACCURACY_FIGURE}]({ACCURACY_FIGURE}) (mean over seeds, min–max band).",
         "",
         "| model | variant | paper table | seeds | epochs | ours, eval mode | paper | "
         "ours − baseline | paper − baseline | ours, batch statistics |",

@@ -706,18 +706,19 @@ def _batch_statistics_check(
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (none if absent). A resumed run appends the steps after
-    its checkpoint again: where a (kind, step, seed) repeats, the later record is the one of
-    the finished run."""
+    """The records of a metrics.jsonl (none if absent), one per (kind, step, seed). A resumed
+    run appends the steps after its checkpoint again: where a (kind, step, seed) repeats, the
+    later record is kept, the one of the run that went on."""
     if not path.exists():
         return []
-    records = []
+    records: dict[tuple, dict] = {}  # keeps the first's place, takes the later's values
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a killed process
             continue
-    return records
+        records[(record["kind"], record["step"], record.get("seed"))] = record
+    return list(records.values())
 
 
 def _check_finite(

@@ -126,6 +126,11 @@ def test_an_interrupted_cell_resumes_and_ends_where_the_straight_run_did(harness
     resumed = json.loads((cell / "results.json").read_text())
     straight = json.loads((harness[0] / "resnet4-baseline" / "results.json").read_text())
     assert resumed["per_seed"] == straight["per_seed"]  # resume is bit-identical
+    lines = (cell / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "test"' in line for line in lines) == 6  # epoch 2 logged twice
+    curve, before = figures.accuracy_curve(cell), figures.accuracy_curve(harness[0] / cell.name)
+    np.testing.assert_array_equal(curve.epochs, [1, 2])
+    np.testing.assert_array_equal(curve.accuracy, before.accuracy)
 
 
 def test_a_cell_made_with_another_config_stops_before_training(harness, monkeypatch):
@@ -232,6 +237,33 @@ def test_figures_command_writes_the_png(harness, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.stat().st_size > 5000 and "learned d = " in result.stdout
+
+
+def test_accuracy_curves_end_at_the_cells_final_accuracies(harness):
+    workdir = harness[0]
+    curves = figures.accuracy_curves(workdir)
+    assert [(c.model, c.variant) for c in curves] == [
+        ("resnet4", "baseline"),
+        ("resnet4", "anodev2_conf1"),
+    ]
+    for curve in curves:
+        results = json.loads((workdir / f"resnet4-{curve.variant}" / "results.json").read_text())
+        final = [100 * r["final_test_accuracy"] for r in results["per_seed"]]
+        assert curve.seeds == [0, 1] and curve.accuracy.shape == (2, 2)
+        np.testing.assert_allclose(curve.accuracy[:, -1], final, rtol=1e-12)
+    png = (workdir / reproduce.ACCURACY_FIGURE).read_bytes()  # the harness drew it
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert f"]({reproduce.ACCURACY_FIGURE})" in (workdir / "results.md").read_text()
+
+
+def test_figures_command_draws_the_accuracy_curves(harness, tmp_path):
+    out = tmp_path / "curves.png"
+    command = [sys.executable, "figures.py", "--figure=accuracy"]
+    command += [f"--workdir={harness[0]}", f"--out={out}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.stat().st_size > 5000
+    assert "resnet4-baseline, resnet4-anodev2_conf1" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,21 @@ def test_sigterm_checkpoints_mid_epoch_and_the_rerun_resumes(straight_run, tmp_p
     assert tree_allclose(restore(tmp_path, tiny_config()), straight, rtol=0, atol=0)
 
 
+def test_read_metrics_keeps_the_later_of_repeated_records(tmp_path):
+    """A resumed run re-logs the steps after its checkpoint; a killed one cuts a line short."""
+    lines = [
+        {"kind": "train", "step": 2, "seed": 0, "loss": 3.0},
+        {"kind": "test", "step": 2, "seed": 0, "accuracy": 0.1},
+        {"kind": "train", "step": 4, "seed": 0, "loss": 2.0},
+        {"kind": "train", "step": 4, "seed": 0, "loss": 1.5},
+        {"kind": "train", "step": 4, "seed": 1, "loss": 1.0},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + '\n{"kind": "tr')
+    assert training.read_metrics(path) == [lines[0], lines[1], lines[3], lines[4]]
+    assert training.read_metrics(tmp_path / "absent.jsonl") == []
+
+
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     config = tiny_config(learning_rate=1e30, warmup_epochs=0.0, num_epochs=3)
     with pytest.raises(training.NonFiniteLossError, match=r"at step \d+; training stopped"):
