@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -50,6 +50,11 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 # -- the ODE settings of a block -------------------------------------------------------------------
+# The exact gradients (equal to rounding) that gradient="auto" picks between per block.
+EXACT_GRADIENTS = ("backprop", "dto")
+GRADIENT_CHOICES = (*solve_lib.GRADIENTS, "auto")
+
+
 @dataclasses.dataclass(frozen=True)
 class ODEConfig:
     """How an ODE block solves z and w on [0, 1] (the arguments of ``coupled_solve``).
@@ -59,18 +64,23 @@ class ODEConfig:
     the running statistics are per evaluation either way. ``coupling``: θ from the weight
     trajectory, θ(t) = ∫_0^t K(t-τ) w(τ) dτ (eq. 2.3d): ``Dirac()`` (θ = w, the paper's
     experiments) or e.g. ``Exponential()`` (an extension beyond them; its parameters are
-    learned with the block's). Validated on construction (``make_plan``, the coupling's
-    grid), so a bad combination fails before any tracing.
+    learned with the block's). ``gradient``: "dto", "backprop" (both exact), "otd" (the
+    adjoint) or "auto": per block, what ``block_gradients`` ((block name, "backprop" |
+    "dto") pairs) says, "dto" for a block it does not name; the trainer fills it in from the
+    compiled train step's memory (:mod:`anodev2_jax.gradient_choice`). Validated on
+    construction (``make_plan``, the coupling's grid), so a bad combination fails before any
+    tracing.
     """
 
     num_z_steps: int = 2
     num_w_steps: int | None = None
     schedule: str | tuple[int, ...] = "conf1"
     method: str = "euler"
-    gradient: str = "dto"
+    gradient: str = "auto"
     evolution: evolution_lib.Evolution = dataclasses.field(default_factory=evolution_lib.Zero)
     norm_params: str = "shared"
     coupling: coupling_lib.Coupling = dataclasses.field(default_factory=coupling_lib.Dirac)
+    block_gradients: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, str):
@@ -79,10 +89,17 @@ class ODEConfig:
             raise ValueError(
                 f"norm_params={self.norm_params!r} is unknown; use one of {norm_lib.NORM_PARAMS}"
             )
-        if self.gradient not in solve_lib.GRADIENTS:
+        if self.gradient not in GRADIENT_CHOICES:
             raise ValueError(
-                f"gradient={self.gradient!r} is unknown; use one of {solve_lib.GRADIENTS}"
+                f"gradient={self.gradient!r} is unknown; use one of {GRADIENT_CHOICES}"
             )
+        object.__setattr__(self, "block_gradients", tuple(map(tuple, self.block_gradients)))
+        for block, gradient in self.block_gradients:
+            if gradient not in EXACT_GRADIENTS:
+                raise ValueError(
+                    f"block_gradients[{block!r}]={gradient!r}: an auto choice is one of "
+                    f"{EXACT_GRADIENTS}"
+                )
         if not isinstance(self.evolution, evolution_lib.Evolution):
             raise ValueError(
                 f"evolution={self.evolution!r} is not an evolution operator; pass e.g. "
@@ -95,6 +112,14 @@ class ODEConfig:
             )
         self.coupling.check_grid(self.plan().num_w_steps)
 
+    def gradient_of(self, block: str) -> str:
+        """The gradient block ``block`` uses: ``gradient``, or with "auto" the choice in
+        ``block_gradients`` (made by the trainer from the train step's memory,
+        :mod:`anodev2_jax.gradient_choice`), "dto" where none was made."""
+        if self.gradient != "auto":
+            return self.gradient
+        return dict(self.block_gradients).get(block, "dto")
+
     def plan(self) -> solve_lib.Plan:
         """The validated step plan (raises ValueError naming the fix)."""
         return solve_lib.make_plan(self.num_z_steps, self.num_w_steps, self.schedule, self.method)
@@ -106,8 +131,8 @@ def variant_config(variant: str) -> ODEConfig | None:
         return None
     if variant == "node":  # Neural ODE: static θ, Nt = 2, adjoint gradient (Table 4)
         return ODEConfig(num_z_steps=2, gradient="otd", evolution=evolution_lib.Zero())
-    if variant == "anode":  # ANODE: static θ, Nt = 2, DTO gradient (Table 4)
-        return ODEConfig(num_z_steps=2, gradient="dto", evolution=evolution_lib.Zero())
+    if variant == "anode":  # ANODE: static θ, Nt = 2, an exact gradient (DTO in Table 4)
+        return ODEConfig(num_z_steps=2, evolution=evolution_lib.Zero())
     if variant == "anodev2_conf1":  # Table 1: Nz = Nw = 5, θ_n = w_n
         return ODEConfig(num_z_steps=5, schedule="conf1", evolution=evolution_lib.RDA())
     if variant == "anodev2_conf2":  # Tables 2, 4: Nz = 2, Nw = 10, θ(0) then θ(1)
@@ -312,7 +337,7 @@ class ODEBlock(nn.Module):
                 num_w_steps=self.ode.num_w_steps,
                 schedule=self.ode.schedule,
                 method=self.ode.method,
-                gradient=self.ode.gradient,
+                gradient=self.ode.gradient_of(self.name or ""),
                 has_aux=True,
                 indexed=True,
             )
@@ -345,6 +370,33 @@ def ode_block_replaced(z1: Array) -> Iterator[list[Array]]:
 
     with nn.intercept_methods(replace):
         yield block_inputs
+
+
+def with_block_gradients(model: nn.Module, gradients: Mapping[str, str]) -> nn.Module:
+    """``model`` with gradient "auto" resolved: block name -> "backprop" | "dto"."""
+    ode = dataclasses.replace(model.ode, block_gradients=tuple(gradients.items()))
+    return model.clone(ode=ode)
+
+
+def ode_block_inputs(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
+    """The ODE blocks of ``model`` by name, in call order: the shape of each one's input z0
+    for one image, (1, H, W, C) (no computation: traced with ``jax.eval_shape``)."""
+    found: dict[str, jax.ShapeDtypeStruct] = {}
+
+    def record(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        if (
+            isinstance(module, ODEBlock)
+            and module.ode is not None
+            and context.method_name == "__call__"
+        ):
+            found[module.name or ""] = jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)
+        return next_fun(*args, **kwargs)
+
+    dummy = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), model.dtype)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
+    return found
 
 
 def _has_params(op: evolution_lib.Evolution | coupling_lib.Coupling, w0: PyTree) -> bool:

@@ -100,7 +100,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def jit_data_parallel(
     step: Callable, mesh: Mesh, num_batch_args: int, *, donate_state: bool = False
-) -> Callable:
+) -> jax.stages.Wrapped:
     """``jax.jit`` of ``step(state, *batch)`` with explicit shardings for data parallelism.
 
     The state (first argument) and every output are replicated; the ``num_batch_args``

@@ -16,7 +16,7 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from flax import struct
 
 from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import data as data_lib
-from anodev2_jax import host_malloc, models, parallel
+from anodev2_jax import gradient_choice, host_malloc, models, parallel
 from anodev2_jax import seeds as seeds_lib
 
 PyTree = Any
@@ -91,6 +91,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.learning_rate <= 0:
         raise ValueError(f"config.learning_rate={config.learning_rate} must be positive")
+    if config.memory_budget_gb is not None and not config.memory_budget_gb > 0:
+        raise ValueError(
+            f"config.memory_budget_gb={config.memory_budget_gb} must be positive (or None: half "
+            "of one device's memory)"
+        )
     if config.grad_clip_norm is not None and not config.grad_clip_norm > 0:
         raise ValueError(
             f"config.grad_clip_norm={config.grad_clip_norm} must be positive (or None: no clipping)"
@@ -222,6 +227,55 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, dtype: 
         return new_state, metrics
 
     return train_step
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    mesh: jax.sharding.Mesh,
+) -> tuple[Any, Any, dict[str, str]]:
+    """(compiled, model, gradients): the data-parallel train step compiled for ``state``
+    (donated) and a uint8 batch, the model it runs (gradient "auto" resolved) and the
+    gradient each ODE block uses (block name -> "dto" | "backprop" | "otd").
+
+    With gradient "auto" (every ODE variant's default but node's) each block's exact gradient
+    is chosen from the compiled step's memory against ``config.memory_budget_gb``
+    (:mod:`anodev2_jax.gradient_choice`), and the choice is printed.
+    """
+    dtype = jnp.dtype(config.dtype)
+    batch = parallel.batch_sharded(mesh)
+    images = jax.ShapeDtypeStruct(
+        (config.batch_size, *models.IMAGE_SHAPE), jnp.uint8, sharding=batch
+    )
+    labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch)
+
+    def resolved(gradients: Mapping[str, str]) -> Any:
+        return models.with_block_gradients(model, gradients) if gradients else model
+
+    def compile_with(gradients: Mapping[str, str]) -> Any:
+        step = seeds_lib.over_seeds(
+            make_train_step(resolved(gradients), optimizer, dtype),
+            config.num_seeds,
+            config.seed_batching,
+        )
+        jitted = parallel.jit_data_parallel(step, mesh, num_batch_args=2, donate_state=True)
+        return jitted.lower(state, images, labels).compile()
+
+    blocks = models.ode_block_inputs(model)
+    if model.ode is None or model.ode.gradient != "auto":
+        return compile_with({}), model, {block: model.ode.gradient_of(block) for block in blocks}
+    largest_first = sorted(blocks, key=lambda block: -math.prod(blocks[block].shape))
+    budget = (
+        gradient_choice.default_budget_bytes()
+        if config.memory_budget_gb is None
+        else int(config.memory_budget_gb * gradient_choice.GIB)
+    )
+    choice = gradient_choice.choose(largest_first, compile_with, budget)
+    if jax.process_index() == 0:
+        print(choice.describe(), flush=True)
+    return choice.compiled, resolved(choice.gradients), choice.gradients
 
 
 def make_eval_step(model: Any, dtype: Any, batch_statistics: bool = False) -> Callable:
@@ -498,12 +552,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     over_seeds = functools.partial(
         seeds_lib.over_seeds, num_seeds=num_seeds, batching=config.seed_batching
     )
-    train_step = parallel.jit_data_parallel(
-        over_seeds(make_train_step(model, optimizer, dtype)),
-        mesh,
-        num_batch_args=2,
-        donate_state=True,
-    )
     eval_step = parallel.jit_data_parallel(
         over_seeds(make_eval_step(model, dtype)), mesh, num_batch_args=3
     )
@@ -519,6 +567,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             print(f"Resumed from {workdir / 'checkpoints'} at step {state_step(state)}", flush=True)
     else:
         state = parallel.replicate(state, mesh)
+    train_step, model, gradients = compile_train_step(config, model, optimizer, state, mesh)
 
     log = MetricsLog(workdir, is_main)
 
@@ -615,6 +664,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "seeds": seeds,
+        "gradients": gradients,
         "per_seed": per_seed,
         "summary": {name: seeds_lib.summary([r[name] for r in per_seed]) for name in names},
         "config": config.to_dict(),

@@ -28,7 +28,7 @@ import numpy as np
 
 from anodev2_jax import conv as conv_lib
 from anodev2_jax import data as data_lib
-from anodev2_jax import host_malloc, models, native, training
+from anodev2_jax import host_malloc, models, native, parallel, training
 
 BENCH_MODELS = ("resnet4", "resnet10", "alexnet")
 BENCH_VARIANTS = ("baseline", "anode", "anodev2_conf1", "anodev2_conf2")
@@ -39,7 +39,8 @@ TORCH_VARIANTS = {
     "anodev2_conf1": ["anodev2_c1"],
     "anodev2_conf2": ["anodev2_c2"],
 }
-DEFAULT_TORCH_REF = Path("/work/shared/bench/torch_ref.py")
+# ../shared/bench/torch_ref.py beside the repository.
+DEFAULT_TORCH_REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_ref.py"
 # Recommended by the reference's README: stops glibc from unmapping large buffers every step
 # (without it torch CPU training is up to 1.5x slower). Set for the torch subprocesses only.
 TORCH_GLIBC_TUNABLES = (
@@ -132,13 +133,23 @@ def check_common_args(args: argparse.Namespace) -> None:
 
 # -- the real training step ------------------------------------------------------------------------
 def load_config(
-    model: str, variant: str, batch_size: int, conv_impl: str, **ode_overrides: Any
+    model: str,
+    variant: str,
+    batch_size: int,
+    conv_impl: str,
+    gradient: str | None = "dto",
+    **ode_overrides: Any,
 ) -> ml_collections.ConfigDict:
-    """configs/<model>.py with the variant, batch size, conv impl and ODE fields overridden."""
+    """configs/<model>.py with the variant, batch size, conv impl and ODE fields overridden.
+
+    gradient: of the ODE variants but node (default "dto", the algorithm of the reference's
+    checkpointed blocks; None keeps the variant's own, "auto")."""
     config = importlib.import_module(f"configs.{model}").get_config()
     config.variant = variant
     config.batch_size = batch_size
     config.conv_impl = conv_impl
+    if variant not in ("baseline", "node"):
+        config.gradient = gradient
     for name, value in ode_overrides.items():
         config[name] = value
     training.check_config(config)
@@ -158,7 +169,9 @@ class CompiledStep:
 
     Attributes: ``model``, ``state`` (fresh), ``images``/``labels`` (device arrays),
     ``compiled`` (call it as ``compiled(state, images, labels)``), ``lower_s``/``compile_s``
-    (seconds to trace+lower and to compile), ``flops`` (XLA's count for one step).
+    (seconds to trace+lower and to compile), ``flops`` (XLA's count for one step),
+    ``gradients`` (block -> the gradient it uses; gradient "auto" resolved as training does,
+    by an extra compile of training.compile_train_step).
     """
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -166,6 +179,14 @@ class CompiledStep:
         self.model = training.model_from_config(config)
         optimizer = training.make_optimizer(config, TRAIN_EXAMPLES // config.batch_size)
         self.state = training.create_state(self.model, optimizer, config)
+        blocks = models.ode_block_inputs(self.model)
+        self.gradients = {block: self.model.ode.gradient_of(block) for block in blocks}
+        if blocks and self.model.ode.gradient == "auto":
+            mesh = parallel.make_mesh(jax.local_devices()[:1])
+            state = parallel.replicate(self.state, mesh)
+            _, self.model, self.gradients = training.compile_train_step(
+                config, self.model, optimizer, state, mesh
+            )
         step = training.make_train_step(self.model, optimizer, jnp.dtype(config.dtype))
         images, labels = random_batch(config.batch_size)
         self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)

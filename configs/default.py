@@ -14,6 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_w_steps = config_dict.placeholder(int)
     config.method = config_dict.placeholder(str)
     config.gradient = config_dict.placeholder(str)
+    # gradient (None: the variant's): dto | backprop (both exact) | otd (node's adjoint) |
+    # auto (the ODE variants' but node's): per ODE block backprop where the compiled train
+    # step's peak memory stays within memory_budget_gb per device (None: half of one
+    # device's memory), else dto, which recomputes the block in the backward pass.
+    config.memory_budget_gb = config_dict.placeholder(float)
     # BatchNorm scale/offset in the ODE blocks: shared (default) | per_evaluation
     config.norm_params = config_dict.placeholder(str)
     # Time kernel K of θ(t) = ∫_0^t K(t-τ) w(τ) dτ (paper eq. 2.3d): dirac (θ = w, the

@@ -6,6 +6,7 @@ Everything runs eagerly at batch 2 (one jitted float32 training step), so the fe
 shapes compile once; parameter counts use jax.eval_shape and compute nothing.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -239,11 +240,45 @@ def test_variant_configs_follow_the_paper():
     assert models.variant_config("baseline") is None
     node, anode = models.variant_config("node"), models.variant_config("anode")
     assert (node.num_z_steps, node.gradient, node.evolution) == (2, "otd", Zero())
-    assert (anode.num_z_steps, anode.gradient, anode.evolution) == (2, "dto", Zero())
+    assert (anode.num_z_steps, anode.gradient, anode.evolution) == (2, "auto", Zero())
     conf1 = models.variant_config("anodev2_conf1").plan()
     conf2 = models.variant_config("anodev2_conf2").plan()
     assert conf1.stage_indices == ((0,), (1,), (2,), (3,), (4,)) and conf1.num_w_steps == 5
     assert conf2.stage_indices == ((0,), (10,)) and conf2.num_w_steps == 10
+
+
+def test_auto_gradient_is_the_trainers_choice_per_block_and_dto_without_one():
+    ode = models.variant_config("anodev2_conf1")
+    assert ode.gradient == "auto" and ode.gradient_of("layer1_1") == "dto"
+    chosen = dataclasses.replace(ode, block_gradients=[("layer1_1", "backprop")])
+    assert chosen.block_gradients == (("layer1_1", "backprop"),)  # hashable for Flax
+    assert chosen.gradient_of("layer1_1") == "backprop" and chosen.gradient_of("conv2") == "dto"
+    fixed = dataclasses.replace(chosen, gradient="dto")
+    assert fixed.gradient_of("layer1_1") == "dto"
+    with pytest.raises(ValueError, match=r"block_gradients\['layer1_1'\]='otd'"):
+        dataclasses.replace(ode, block_gradients=(("layer1_1", "otd"),))
+    with pytest.raises(ValueError, match=r"gradient='fast' is unknown; use one of \('dto'"):
+        dataclasses.replace(ode, gradient="fast")
+
+
+def test_ode_block_inputs_name_every_ode_block_with_its_input_shape():
+    shapes = {
+        name: {
+            block: s.shape
+            for block, s in models.ode_block_inputs(models.create_model(name, "anode")).items()
+        }
+        for name in models.MODELS
+    }
+    assert shapes == {
+        "alexnet": {"conv2": (1, 16, 16, 64)},
+        "resnet4": {"layer1_1": (1, 32, 32, 16)},
+        "resnet10": {
+            "layer1_1": (1, 32, 32, 16),
+            "layer1_2": (1, 32, 32, 16),
+            "layer2_2": (1, 16, 16, 32),
+        },
+    }
+    assert models.ode_block_inputs(models.create_model("resnet10", "baseline")) == {}
 
 
 # -- the baseline is the one-step ODE block with static weights ------------------------------------

@@ -66,6 +66,7 @@ def test_a_run_writes_metrics_results_checkpoints_and_events(straight_run):
     assert 0.0 <= results["final_test_accuracy"] <= 1.0
     assert 0.0 <= results["final_test_accuracy_batch_statistics"] <= 1.0
     assert results["config"]["variant"] == "anode"
+    assert results["gradients"] == {"layer1_1": "backprop"}  # gradient auto: fits easily
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "test"] == [1, 2]
     train = [r for r in records if r["kind"] == "train"]
@@ -141,6 +142,8 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         (dict(cpu_malloc="fast"), "config.cpu_malloc='fast' is unknown"),
         (dict(norm_params="per_step"), "norm_params='per_step' is unknown"),
         (dict(grad_clip_norm=0.0), "config.grad_clip_norm=0.0 must be positive"),
+        (dict(memory_budget_gb=-1.0), "config.memory_budget_gb=-1.0 must be positive"),
+        (dict(gradient="exact"), "gradient='exact' is unknown"),
         (dict(variant="baseline", norm_params="per_evaluation"), "takes no ODE options"),
         (dict(kernel="gauss"), r"config.kernel='gauss' is unknown; use one of \('dirac'"),
         (dict(kernel="exponential", kernel_rate=0.0), "config.kernel_rate=0.0 must be"),
