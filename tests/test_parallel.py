@@ -266,6 +266,38 @@ def test_an_indivisible_batch_fails_before_compiling(runs):
         assert not error["workdir_created"]
 
 
+def test_the_device_pipeline_on_two_devices_gathers_locally_and_gives_one_device_result(
+    tmp_path, cache
+):
+    """input_pipeline=device: with the training set replicated each device gathers its own
+    rows of every batch, so the dispatch's only collectives are the train step's float
+    all-reduces (a sharded training set adds an all-gather of the row indices and an all-reduce
+    of the uint8 batch); the run equals the device pipeline's on one device."""
+    device = dict(input_pipeline="device")
+    with Launch(tmp_path / "logs", cache) as launch:
+        reference = launch.start("one_device", train_command(tmp_path / "one", device), 1)
+        worker = launch.start(
+            "two_devices",
+            [
+                sys.executable,
+                str(ROOT / "tests" / "parallel_worker.py"),
+                json.dumps({**CONFIG, **device}),
+                str(tmp_path / "two"),
+                str(tmp_path / "report.json"),
+            ],
+            2,
+        )
+        assert wait_all([reference, worker]) == [0, 0], [
+            output(p)[-3000:] for p in (reference, worker)
+        ]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["results"]["devices"] == 2
+    collectives = report["device_input_collectives"]
+    assert {c["op"] for c in collectives} == {"all-reduce"}
+    assert not [c for c in collectives if "u8[" in c["type"] or "s32[" in c["type"]]
+    assert_same_run(tmp_path / "two" / "run", tmp_path / "one")
+
+
 def test_two_processes_give_the_one_device_result_and_only_process_0_writes(runs):
     workdir = runs["two_processes"]
     assert_same_run(workdir, runs["reference"])
