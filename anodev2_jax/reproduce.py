@@ -44,6 +44,8 @@ RUN_MECHANICS = (
     "cpu_malloc",
     "conv_impl",
     "seed_batching",
+    "input_pipeline",
+    "steps_per_dispatch",
     "eval_batch_size",
     "data_dir",
     "download",
