@@ -12,7 +12,7 @@
 - ``"auto"``: ``"host"`` when JAX's default backend is the CPU, ``"device"`` elsewhere.
 
 Both run the same train step on the same batches. With ``conv_impl="cpu"`` (the CPU's
-default) the device path is bit-identical to the host path on XLA:CPU; with XLA's
+default) the device path is bit-identical to the host path on one XLA:CPU device; with XLA's
 convolution it is not (measured: 2e-5 apart after 6 steps): XLA:CPU keeps the backward
 convolutions inside a while body in their folded-transpose form instead of rewriting them
 into its canonical layout, so they sum in another order. Either way the device path's numbers
