@@ -116,7 +116,7 @@ class Input(Protocol):
 
 
 class HostInput:
-    """Today's loop: one dispatch per step, its batch indexed on the host and copied over."""
+    """One dispatch per step, its batch indexed on the host and copied to the devices."""
 
     steps_per_dispatch = 1
 
