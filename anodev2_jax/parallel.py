@@ -48,6 +48,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def steps_batch_sharded(mesh: Mesh) -> NamedSharding:
+    """(steps, batch) arrays (an epoch's rows): the batch axis split over the data axis."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
     """Raise ValueError unless the global batch splits evenly over devices and processes."""
     devices, processes = mesh.size, jax.process_count()

@@ -32,6 +32,7 @@ from flax import struct
 from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import data as data_lib
 from anodev2_jax import gradient_choice, host_malloc, models, parallel
+from anodev2_jax import input_pipeline as input_lib
 from anodev2_jax import seeds as seeds_lib
 
 PyTree = Any
@@ -88,6 +89,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.seed_batching={config.seed_batching!r} is unknown; use one of "
             f"{seeds_lib.BATCHINGS}"
+        )
+    if config.input_pipeline not in input_lib.PIPELINES:
+        raise ValueError(
+            f"config.input_pipeline={config.input_pipeline!r} is unknown; use one of "
+            f"{input_lib.PIPELINES}"
+        )
+    per_dispatch = config.steps_per_dispatch
+    if not isinstance(per_dispatch, int) or not 0 <= per_dispatch <= config.log_every_steps:
+        raise ValueError(
+            f"config.steps_per_dispatch={per_dispatch!r} must be an integer from 1 to "
+            f"config.log_every_steps={config.log_every_steps} (a dispatch ends at every log "
+            "boundary), or 0 for log_every_steps"
+        )
+    if config.input_pipeline == "host" and per_dispatch > 1:
+        raise ValueError(
+            f"config.steps_per_dispatch={per_dispatch} is read by the device input pipeline "
+            "only; config.input_pipeline='host' dispatches every step. Use "
+            "--config.input_pipeline=device, or leave steps_per_dispatch at 0"
         )
     if config.learning_rate <= 0:
         raise ValueError(f"config.learning_rate={config.learning_rate} must be positive")
@@ -516,6 +535,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     max and mean over seeds (``summary``), and ``seeds``, ``num_params`` (of one seed),
     ``steps``, ``wall_time_sec``, ``data_source``, ``devices``, ``processes`` and ``config``.
     A single-seed run also has its seed's numbers at the top level.
+
+    A SIGTERM or SIGINT saves a checkpoint and exits (SystemExit) at the end of the running
+    dispatch (:mod:`anodev2_jax.input_pipeline`): after the current step with the host
+    pipeline, after up to ``steps_per_dispatch`` steps with the device pipeline, and with
+    several processes at the next log boundary. The same call then resumes bit-identically.
     """
     start_time = time.time()
     check_config(config)
@@ -568,6 +592,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     else:
         state = parallel.replicate(state, mesh)
     train_step, model, gradients = compile_train_step(config, model, optimizer, state, mesh)
+    feed = input_lib.make_input(
+        config.input_pipeline,
+        over_seeds(make_train_step(model, optimizer, dtype)),
+        dataset.train_images,
+        dataset.train_labels,
+        mesh,
+        config.steps_per_dispatch or config.log_every_steps,
+        compiled=train_step,
+    )
 
     log = MetricsLog(workdir, is_main)
 
@@ -577,7 +610,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             checkpoints.save(step, args=ocp.args.StandardSave(state))
             checkpoints.wait_until_finished()
 
-    local = parallel.process_slice(config.batch_size)
     # Every process reads it (orbax needs a workdir all processes share) so all return the same.
     best_accuracy = _best_accuracies(read_metrics(workdir / "metrics.jsonl"), seeds)
     test_metrics: list[dict[str, float]] = []
@@ -593,26 +625,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 disable=not (is_main and config.progress_bar),
                 dynamic_ncols=True,
             )
-            pending: list[tuple[int, dict]] = []
-            tick, stopping = time.time(), False
-            for rows in order[offset:]:
-                rows = rows[local]
-                images, labels = dataset.train_images[rows], dataset.train_labels[rows]
-                state, metrics = train_step(state, *parallel.global_batch((images, labels), mesh))
-                step += 1
-                pending.append((step, metrics))
-                bar.update()
-                boundary = len(pending) == config.log_every_steps or step % steps_per_epoch == 0
+            epoch_order = feed.epoch(order)
+            pending: list[input_lib.Dispatch] = []
+            pending_steps, tick, stopping = 0, time.time(), False
+            for num_steps in input_lib.dispatch_lengths(
+                offset, steps_per_epoch, config.log_every_steps, feed.steps_per_dispatch
+            ):
+                state, metrics = feed.run(state, epoch_order, step % steps_per_epoch, num_steps)
+                step += num_steps
+                pending.append((step, num_steps, metrics))
+                pending_steps += num_steps
+                bar.update(num_steps)
+                boundary = pending_steps == config.log_every_steps or step % steps_per_epoch == 0
                 # Saving a checkpoint is collective, so all processes must stop after the same
                 # step: with several they agree at log boundaries, where the host waits anyway.
                 if boundary or jax.process_count() == 1:
                     stopping = parallel.any_process(bool(stop))
                 if boundary or stopping:
                     values = seeds_lib.per_seed(
-                        _check_finite(pending, checkpoints, seeds), num_seeds
+                        _check_finite(feed.fetch(pending), checkpoints, seeds), num_seeds
                     )
                     # Training images per second, all seeds together.
-                    rate = len(pending) * config.batch_size * num_seeds / (time.time() - tick)
+                    rate = pending_steps * config.batch_size * num_seeds / (time.time() - tick)
                     for seed_values in values:
                         seed_values["images_per_sec"] = rate
                         seed_values["learning_rate"] = float(schedule(step))
@@ -622,7 +656,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         img_s=f"{rate:.0f}",
                     )
                     log.write_seeds(step, "train", values, seeds)
-                    pending, tick = [], time.time()
+                    pending, pending_steps, tick = [], 0, time.time()
                 if stopping:
                     break
             bar.close()
@@ -772,12 +806,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _check_finite(
-    pending: list[tuple[int, dict]], checkpoints, seeds: list[int]
+    pending: list[tuple[int, dict[str, np.ndarray]]], checkpoints, seeds: list[int]
 ) -> dict[str, np.ndarray]:
     """Mean of the pending steps' metrics, () or (k,) per seed; stops training at the first
-    non-finite loss."""
-    host = jax.device_get([metrics for _, metrics in pending])
-    for (step, _), metrics in zip(pending, host, strict=True):
+    non-finite loss. pending: (step, its metrics on the host) per step, in order."""
+    host = [metrics for _, metrics in pending]
+    for step, metrics in pending:
         losses = np.atleast_1d(np.asarray(metrics["loss"]))
         bad = [i for i, loss in enumerate(losses) if not math.isfinite(float(loss))]
         if bad:

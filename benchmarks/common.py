@@ -124,7 +124,7 @@ def check_common_args(args: argparse.Namespace) -> None:
         if not args.torch_python.exists():
             raise ValueError(
                 f"--torch_python={args.torch_python} does not exist; create the venv as "
-                "/work/shared/bench/README.md says, or leave the flag out for JAX rows alone"
+                "../shared/bench/README.md says, or leave the flag out for JAX rows alone"
             )
         if not args.torch_ref.exists():
             raise ValueError(f"--torch_ref={args.torch_ref} does not exist; pass torch_ref.py")

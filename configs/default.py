@@ -66,6 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_seed = config_dict.placeholder(int)
     config.dtype = "float32"
     config.log_every_steps = 20
+    # How batches reach the train step (anodev2_jax.input_pipeline): host (numpy indexes each
+    # batch; one copy and one dispatch per step) | device (the uint8 training set on the
+    # device(s), each batch gathered there, steps_per_dispatch steps per dispatch in a jitted
+    # loop; a SIGTERM stops between dispatches) | auto (host on the CPU, device on GPU/TPU).
+    config.input_pipeline = "auto"
+    # 1 … log_every_steps (a dispatch ends at every log boundary and epoch end), or 0 for
+    # log_every_steps; read by the device pipeline only.
+    config.steps_per_dispatch = 0
     config.checkpoint_every_epochs = 1
     config.max_checkpoints_to_keep = 2
     config.progress_bar = True

@@ -4,7 +4,8 @@
         python tests/parallel_worker.py OVERRIDES_JSON WORKDIR REPORT_JSON
 
 Builds configs/resnet4.py with the overrides, records what the test asserts (the shardings
-the train step sees, augmentation on a sharded batch, the batch-size error) and trains into
+the train step sees, augmentation on a sharded batch, the batch-size error and, with
+input_pipeline=device, the collectives of the device pipeline's dispatch) and trains into
 WORKDIR with train_and_evaluate. Writes the observations to REPORT_JSON; asserts nothing.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from anodev2_jax import data, parallel, training
+from anodev2_jax import data, input_pipeline, parallel, training
 from configs import resnet4
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
@@ -89,6 +90,37 @@ def augmentation_on_meshes(partitionable: bool) -> dict:
     }
 
 
+def device_input_collectives(overrides: dict) -> list[dict]:
+    """The collectives of the device input pipeline's compiled dispatch (the run's first
+    length, compiled as the run compiles it, so the run finds it in the compilation cache):
+    each one's op and result type."""
+    config = make_config(overrides)
+    seed = training.data_seed(config)
+    dataset = data.synthetic_cifar10(config.num_train, config.num_test, seed=seed)
+    steps_per_epoch = config.num_train // config.batch_size
+    model = training.model_from_config(config)
+    optimizer = training.make_optimizer(config, steps_per_epoch)
+    mesh = parallel.make_mesh()
+    feed = input_pipeline.DeviceInput(
+        training.make_train_step(model, optimizer, jax.numpy.dtype(config.dtype)),
+        dataset.train_images,
+        dataset.train_labels,
+        mesh,
+        config.steps_per_dispatch or config.log_every_steps,
+    )
+    state = parallel.replicate(training.create_state(model, optimizer, config), mesh)
+    order = feed.epoch(data.epoch_batches(config.num_train, config.batch_size, seed, 0))
+    lowered = feed.multi_step(feed.steps_per_dispatch).lower(
+        state, feed.images, feed.labels, order, np.int32(0)
+    )
+    found = []
+    for line in lowered.compile().as_text().splitlines():
+        for op in COLLECTIVES:
+            if f" {op}(" in line or f" {op}-start(" in line:
+                found.append({"op": op, "type": line.split(" = ", 1)[1].split(f" {op}")[0]})
+    return found
+
+
 def batch_size_error(overrides: dict, workdir: Path) -> dict:
     """train_and_evaluate with an indivisible batch: the message, and compile events before it."""
     events: list[str] = []
@@ -125,6 +157,8 @@ def main(overrides_json: str, workdir: str, report_path: str) -> None:
             {**overrides, "eval_batch_size": 6}, Path(workdir) / "bad_eval_batch"
         ),
     }
+    if overrides.get("input_pipeline") == "device":
+        report["device_input_collectives"] = device_input_collectives(overrides)
     record_step_shardings(report)
     report["results"] = training.train_and_evaluate(make_config(overrides), Path(workdir) / "run")
     Path(report_path).write_text(json.dumps(report, indent=2, default=str))
