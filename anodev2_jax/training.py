@@ -369,43 +369,45 @@ def restore_checkpoint(
     step = manager.latest_step()
     saved_tree = manager.item_metadata(step).tree
     saved_stats = saved_tree["batch_stats"]
-    try:
-        same_params = jax.tree.leaves(
-            jax.tree.map(
-                lambda m, t: tuple(m.shape) == t.shape, saved_tree["params"], template.params
-            )
+    is_array = lambda x: hasattr(x, "shape")
+
+    def leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+        leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_array)
+        return {jax.tree_util.keystr(path): tuple(x.shape) for path, x in leaves}
+
+    saved_shapes = leaf_shapes({"params": saved_tree["params"], "batch_stats": saved_stats})
+    shapes = leaf_shapes({"params": template.params, "batch_stats": template.batch_stats})
+
+    def fits(path: str) -> bool:
+        saved, now = saved_shapes.get(path), shapes.get(path)
+        if saved == now:
+            return True
+        # The one difference a conversion mends: (C,) statistics where the model has (E, C).
+        return (
+            path.startswith("['batch_stats']")
+            and now is not None
+            and saved == now[1:]
+            and len(now) == 2
         )
-    except ValueError:
-        same_params = [False]
-    if not all(same_params):
+
+    differ = sorted(path for path in saved_shapes.keys() | shapes.keys() if not fits(path))
+    if differ:
         num_seeds = template.step.shape[0] if template.step.ndim else 1
+        described = [f"{path}: {saved_shapes.get(path)} -> {shapes.get(path)}" for path in differ]
         raise ValueError(
-            f"the checkpoint at step {step} in {manager.directory} holds parameters of other "
-            f"names or shapes than this run's (model, variant, num_seeds={num_seeds}): it was "
-            "written by a different config.model, variant or num_seeds; resume it with that "
+            f"the checkpoint at step {step} in {manager.directory} does not fit this run's "
+            f"model (checkpoint -> model, None where absent: {'; '.join(described[:4])}"
+            f"{' …' if len(described) > 4 else ''}): it was written by a different "
+            f"config.model, variant or num_seeds (now {num_seeds}); resume it with that "
             "config, or use a new workdir"
         )
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
     )
     template_leaves, treedef = jax.tree.flatten(template.batch_stats)
-    is_array = lambda x: hasattr(x, "shape")
-    saved_paths, paths = (
-        {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(t, is_array)}
-        for t in (saved_stats, template.batch_stats)
-    )
-    if saved_paths != paths:
-        raise ValueError(
-            f"the checkpoint at step {step} in {manager.directory} holds the BatchNorm "
-            f"statistics of other layers than this model's (only in the checkpoint: "
-            f"{sorted(saved_paths - paths)}; only in the model: {sorted(paths - saved_paths)}): "
-            "it was written by a different config.model or variant; resume it with that "
-            "config, or use a new workdir"
-        )
-    saved_shapes = [tuple(m.shape) for m in jax.tree.leaves(saved_stats, is_leaf=is_array)]
+    saved_stats_shapes = [tuple(m.shape) for m in jax.tree.leaves(saved_stats, is_leaf=is_array)]
     legacy = [
-        len(shape) == 1 and t.ndim == 2 and shape == t.shape[1:]
-        for shape, t in zip(saved_shapes, template_leaves, strict=True)
+        shape != t.shape for shape, t in zip(saved_stats_shapes, template_leaves, strict=True)
     ]
     if not any(legacy):
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -413,7 +415,7 @@ def restore_checkpoint(
         treedef,
         [
             jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding)
-            for shape, t in zip(saved_shapes, template_leaves, strict=True)
+            for shape, t in zip(saved_stats_shapes, template_leaves, strict=True)
         ],
     )
     state = manager.restore(
