@@ -217,19 +217,27 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def loss_and_gradient(
+    model: Any, state: TrainState, images: jax.Array, labels: jax.Array, dtype: Any
+) -> tuple[tuple[jax.Array, tuple[jax.Array, PyTree]], PyTree]:
+    """((loss, (logits, new batch_stats)), ∂loss/∂params) of the train step at ``state`` on a
+    (B, 32, 32, 3) uint8 batch, augmented on the device with the step's key."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    inputs = data_lib.normalize(data_lib.augment(key, images)).astype(dtype)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+        return jnp.mean(cross_entropy(logits, labels)), (logits, updates["batch_stats"])
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
 def make_train_step(model: Any, optimizer: optax.GradientTransformation, dtype: Any) -> Callable:
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         """One SGD step on a (B, 32, 32, 3) uint8 batch, augmented on device."""
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        inputs = data_lib.normalize(data_lib.augment(key, images)).astype(dtype)
-
-        def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
-            return jnp.mean(cross_entropy(logits, labels)), (logits, updates["batch_stats"])
-
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
+        (loss, (logits, batch_stats)), grads = loss_and_gradient(
+            model, state, images, labels, dtype
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(

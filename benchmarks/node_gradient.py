@@ -39,23 +39,16 @@ def main() -> None:
     dataset = data_lib.load_cifar10("bundled")
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     node = training.model_from_config(config)
-    anode = models.create_model("resnet4", "anode", conv_impl=config.conv_impl)
+    anode = models.create_model("resnet4", "anode", conv_impl=config.conv_impl, gradient="dto")
     optimizer = training.make_optimizer(config, steps_per_epoch)
     state = training.create_state(node, optimizer, config)
     train_step = jax.jit(training.make_train_step(node, optimizer, jnp.float32))
 
     @functools.partial(jax.jit, static_argnames="model")
     def gradient(model, state, images, labels):
-        """The gradient of the train step's loss (same augmentation) under ``model``."""
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        inputs = data_lib.normalize(data_lib.augment(key, images))
-
-        def loss(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, _ = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
-            return jnp.mean(training.cross_entropy(logits, labels))
-
-        return jax.value_and_grad(loss)(state.params)
+        """The train step's loss and its gradient (same augmentation) under ``model``."""
+        (loss, _), grads = training.loss_and_gradient(model, state, images, labels, jnp.float32)
+        return loss, grads
 
     print("$ " + shlex.join([sys.executable, "-m", "benchmarks.node_gradient", *sys.argv[1:]]))
     print("\n| step | lr | loss | ‖OTD‖ | ‖DTO‖ | cosine | ‖OTD − DTO‖ / ‖DTO‖ |")
