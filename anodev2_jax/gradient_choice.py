@@ -2,8 +2,8 @@
 
 Both are exact and equal to rounding. DTO keeps only each block's input and recomputes the
 block in the backward pass (the ANODE code's checkpoint, always on there); backprop keeps every
-step's activations and does not recompute, which on XLA:CPU made a ResNet-4 anodev2_conf1 step
-about 1.3x faster (BENCHMARKS.md). :func:`choose` starts from backprop in every block and,
+step's activations and does not recompute: 1.2-1.4x faster train steps on XLA:CPU for every
+model and variant (BENCHMARKS.md §6). :func:`choose` starts from backprop in every block and,
 while XLA's peak memory of the compiled train step (:func:`peak_bytes`) exceeds the budget,
 turns the block with the largest activations back to DTO, recompiling each time; the compiled
 step of the choice is the one training runs, so choosing costs no extra compile when
@@ -42,8 +42,8 @@ class Choice:
         return (
             f"gradient auto: {'; '.join(parts)}: the train step's peak memory is "
             f"{self.peak_bytes / GIB:.2f} GiB per device (XLA's memory_analysis), {fits} the "
-            f"budget of {self.budget_bytes / GIB:.2f} GiB (config.memory_budget_gb); "
-            "--config.gradient=dto or backprop fixes it"
+            f"budget of {self.budget_bytes / GIB:.2f} GiB (config.memory_budget_gb; "
+            "--config.gradient=dto or backprop to choose yourself)"
         )
 
 
