@@ -406,8 +406,8 @@ def restore_checkpoint(
             f"the checkpoint at step {step} in {manager.directory} does not fit this run's "
             f"model (checkpoint -> model, None where absent: {'; '.join(described[:4])}"
             f"{' …' if len(described) > 4 else ''}): it was written by a different "
-            f"config.model, variant or num_seeds (now {num_seeds}); resume it with that "
-            "config, or use a new workdir"
+            f"config.model, variant or num_seeds (this run: num_seeds={num_seeds}); resume it "
+            "with that config, or use a new workdir"
         )
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template

@@ -11,6 +11,7 @@ WORKDIR with train_and_evaluate. Writes the observations to REPORT_JSON; asserts
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -39,30 +40,43 @@ def describe(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict:
     }
 
 
+class Recorded:
+    """A jitted or compiled step that notes the placement of its first call's arguments in
+    ``report[name]``; anything else (``memory_analysis``, ...) is the step's own."""
+
+    def __init__(self, run, name: str, report: dict):
+        self.run, self.name, self.report = run, name, report
+
+    def __call__(self, state, *batch):
+        if self.name in self.report:
+            return self.run(state, *batch)
+        self.report[self.name] = {
+            "batch": [describe(x.sharding, x.shape) for x in batch],
+            "batch_shard_rows": [[s.data.shape[0] for s in x.addressable_shards] for x in batch],
+            "state_in": [describe(x.sharding, x.shape) for x in jax.tree.leaves(state)],
+        }
+        outputs = self.run(state, *batch)
+        self.report[self.name]["outputs"] = [
+            describe(x.sharding, x.shape) for x in jax.tree.leaves(outputs)
+        ]
+        return outputs
+
+    def lower(self, *args):
+        """training.compile_train_step compiles ahead of time: record the compiled step."""
+        lowered = self.run.lower(*args)
+        compile_recorded = lambda: Recorded(lowered.compile(), self.name, self.report)
+        return types.SimpleNamespace(compile=compile_recorded)
+
+    def __getattr__(self, attribute):
+        return getattr(self.run, attribute)
+
+
 def record_step_shardings(report: dict) -> None:
     """Make training's jitted steps note the placement of their first call's arguments."""
     original = parallel.jit_data_parallel
 
     def recording(step, mesh, num_batch_args, **kwargs):
-        jitted = original(step, mesh, num_batch_args, **kwargs)
-
-        def call(state, *batch):
-            if step.__name__ not in report:
-                report[step.__name__] = {
-                    "batch": [describe(x.sharding, x.shape) for x in batch],
-                    "batch_shard_rows": [
-                        [s.data.shape[0] for s in x.addressable_shards] for x in batch
-                    ],
-                    "state_in": [describe(x.sharding, x.shape) for x in jax.tree.leaves(state)],
-                }
-                outputs = jitted(state, *batch)
-                report[step.__name__]["outputs"] = [
-                    describe(x.sharding, x.shape) for x in jax.tree.leaves(outputs)
-                ]
-                return outputs
-            return jitted(state, *batch)
-
-        return call
+        return Recorded(original(step, mesh, num_batch_args, **kwargs), step.__name__, report)
 
     parallel.jit_data_parallel = recording
 
