@@ -262,6 +262,7 @@ def compile_train_step(
     optimizer: optax.GradientTransformation,
     state: TrainState,
     mesh: jax.sharding.Mesh,
+    needed: bool = True,
 ) -> tuple[Any, Any, dict[str, str]]:
     """(compiled, model, gradients): the data-parallel train step compiled for ``state``
     (donated) and a uint8 batch, the model it runs (gradient "auto" resolved) and the
@@ -269,7 +270,9 @@ def compile_train_step(
 
     With gradient "auto" (every ODE variant's default but node's) each block's exact gradient
     is chosen from the compiled step's memory against ``config.memory_budget_gb``
-    (:mod:`anodev2_jax.gradient_choice`), and the choice is printed.
+    (:mod:`anodev2_jax.gradient_choice`), and the choice is printed. With ``needed=False``
+    (the caller runs another program, e.g. the device input pipeline's) compiled is None
+    unless auto had to compile the step to choose.
     """
     dtype = jnp.dtype(config.dtype)
     batch = parallel.batch_sharded(mesh)
@@ -292,7 +295,8 @@ def compile_train_step(
 
     blocks = models.ode_block_inputs(model)
     if model.ode is None or model.ode.gradient != "auto":
-        return compile_with({}), model, {block: model.ode.gradient_of(block) for block in blocks}
+        compiled = compile_with({}) if needed else None
+        return compiled, model, {block: model.ode.gradient_of(block) for block in blocks}
     largest_first = sorted(blocks, key=lambda block: -math.prod(blocks[block].shape))
     budget = (
         gradient_choice.default_budget_bytes()
@@ -601,7 +605,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             print(f"Resumed from {workdir / 'checkpoints'} at step {state_step(state)}", flush=True)
     else:
         state = parallel.replicate(state, mesh)
-    train_step, model, gradients = compile_train_step(config, model, optimizer, state, mesh)
+    host_input = input_lib.resolve_pipeline(config.input_pipeline) == "host"
+    train_step, model, gradients = compile_train_step(
+        config, model, optimizer, state, mesh, needed=host_input
+    )
     feed = input_lib.make_input(
         config.input_pipeline,
         over_seeds(make_train_step(model, optimizer, dtype)),

@@ -79,3 +79,16 @@ def test_the_trainer_runs_backprop_when_it_fits_and_dto_when_not(capsys):
     assert tree_relative_error(backprop.opt_state, dto.opt_state) < 1e-5
     for name in ("loss", "grad_norm"):
         np.testing.assert_allclose(backprop_metrics[name], dto_metrics[name], rtol=1e-5)
+
+
+def test_a_fixed_gradient_compiles_nothing_when_the_caller_runs_another_program():
+    """The device input pipeline compiles its own multi-step program."""
+    mesh = parallel.make_mesh()
+    config = tiny_config(gradient="dto")
+    model = training.model_from_config(config)
+    optimizer = training.make_optimizer(config, 6)
+    state = parallel.replicate(training.create_state(model, optimizer, config), mesh)
+    compiled, resolved, gradients = training.compile_train_step(
+        config, model, optimizer, state, mesh, needed=False
+    )
+    assert compiled is None and resolved is model and gradients == {"layer1_1": "dto"}
