@@ -7,13 +7,17 @@ convolution to YNNPACK (one thread, as measured here) when it has more than 16 c
 out, and to Eigen (all threads) otherwise. ``benchmarks/conv_microbench.py`` times each
 formulation; the choices are:
 
-- kernel gradient, stride 1: a C++ kernel (``csrc/kernel_grad.cc``, an XLA FFI call built
-  on first use by :mod:`anodev2_jax.native`) that accumulates register tiles over image rows
-  on the call's thread and XLA's pool: 2.2-4.1 ms for 16→16 3×3 at 32×32, batch 128, where
-  XLA takes 7.6 and torch 2.4-3.6 (BENCHMARKS.md); used from 16 input channels and one vector
-  of outputs (XLA's is faster on the 3-channel stems). XLA runs the same as a convolution
-  of x with g over the batch on one YNNPACK thread, behind transposes to (Cin, H, W, N) and
-  (Ho, Wo, N, Cout); that is the fallback (and the stems' choice), behind a conditional:
+- stride-1 convolutions with whole vectors of outputs (Cout a multiple of 16 float32 or 8
+  float64), forward and as the input gradient below: a C++ kernel (``csrc/conv_forward.cc``,
+  an XLA FFI call built on first use by :mod:`anodev2_jax.native`) that splits the output
+  rows between the call's thread and XLA's pool and accumulates tiles of pixels × output
+  vectors in registers. XLA:CPU gives convolutions with more than 16 channels to YNNPACK on
+  one thread, and 16-channel ones to Eigen, both slower on 2 cores (BENCHMARKS.md §9).
+- kernel gradient, stride 1: a C++ kernel (``csrc/kernel_grad.cc``) that accumulates tiles
+  of input channels × output vectors in registers over each image's pixels, tap by tap, on
+  the call's thread and XLA's pool; used from one vector of outputs. XLA runs the same as a
+  convolution of x with g over the batch on one YNNPACK thread, behind transposes to (Cin,
+  H, W, N) and (Ho, Wo, N, Cout); that is the fallback, behind a conditional:
   XLA:CPU otherwise fuses the producers of x and g (BatchNorm, ReLU, their backward) into
   those transposes, which then read their inputs with a stride of H·W·C;
   ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusion), a
@@ -23,21 +27,24 @@ formulation; the choices are:
 - input gradient: one stride-1 convolution of g that writes the stride² phases of dx as
   channels, then a depth-to-space reshape. At stride 1 this is XLA's flipped-kernel
   convolution; at stride 2 it replaces XLA's zero-dilated one, which XLA:CPU runs 2-4× slower.
-- stride-1 convolutions from or to at most 4 channels with at most 16 on the other side (the
-  3→16 stem): pairs of adjacent columns folded into channels, x (N, H, W, C) -> (N, H, W/2,
+- other stride-1 convolutions from or to at most 4 channels with at most 16 on the other
+  side: pairs of adjacent columns folded into channels, x (N, H, W, C) -> (N, H, W/2,
   2C) by a free reshape of the padded x, with a (kh, kw//2 + 1, 2C, 2Cout) kernel that places
   each tap by column parity (zeros elsewhere: 4/3 of the multiply-adds at 3×3). YNNPACK runs
   that 2-4× faster than Eigen runs the 3-channel convolution.
-- any convolution without padding gets one zero row, its output row dropped: YNNPACK runs
-  unpadded convolutions 2-7× slower than padded ones.
+- any convolution left to YNNPACK without padding gets one zero row, its output row
+  dropped: YNNPACK runs unpadded convolutions 2-7× slower than padded ones.
 
-``impl="cpu_paired"`` also pairs the columns of 9-16-channel stride-1 convolutions (forward and
-input gradient): 1.35× faster than Eigen when XLA gets about one core (a busy machine), but
-slower than Eigen on two idle cores, since YNNPACK then uses only one.
+The C++ kernels' own gradients (reverse mode of the gradient) are XLA's. Without a C++
+compiler, ``impl="cpu"`` uses XLA's formulations and says so once, as a warning.
+
+``impl="cpu_paired"`` also pairs the columns of the 9-16-channel stride-1 convolutions that
+the C++ kernel does not take (forward and input gradient).
 
 ``impl="auto"`` is "cpu" when JAX's default backend is the CPU and "xla" elsewhere. The
 custom VJP supports reverse mode to any order (not ``jax.jvp``). Under ``jax.vmap`` the
-conditionals become selects that run both branches: use "xla" there.
+conditionals become selects that run both branches and the C++ kernels run once per batch
+element: use "xla" there.
 """
 
 from __future__ import annotations
@@ -117,6 +124,8 @@ def _conv_xla(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Array:
 def _conv(x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool) -> jax.Array:
     """The convolution as impl="cpu" (paired=False) or "cpu_paired" computes it."""
     kh, kw, cin, cout = w.shape
+    if stride == 1 and kh * kw > 1 and _native_conv_applies(x, cout):
+        return _conv_native(x, w, pads)
     # pairing hands YNNPACK (one thread) what Eigen (all threads) would run: see the module doc
     ynn_after_pairing = 8 < max(cin, cout) <= 16 and x.dtype in _YNN_DTYPES
     pair = stride == 1 and kw > 1 and ynn_after_pairing and (paired or min(cin, cout) <= 4)
@@ -127,6 +136,40 @@ def _conv(x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool) -> 
     if pair:
         return conv_paired_columns(x, w, pads)
     return _conv_xla(x, w, stride, pads)
+
+
+def _native_conv_applies(x: jax.Array, cout: int) -> bool:
+    """Whether the C++ convolution runs: CPU, float32/64, whole vectors of outputs."""
+    return (
+        x.dtype in _YNN_DTYPES
+        and cout % (64 // x.dtype.itemsize) == 0
+        and jax.default_backend() == "cpu"
+        and native.available()
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_native(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
+    """The stride-1 convolution by the C++ kernel (anodev2_jax.native), differentiable: its
+    gradient is XLA's (this is what the gradients of impl="cpu" differentiate to)."""
+    return native.conv_forward(x, w, pads)
+
+
+def _conv_native_fwd(
+    x: jax.Array, w: jax.Array, pads: Pads
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return native.conv_forward(x, w, pads), (x, w)
+
+
+def _conv_native_bwd(
+    pads: Pads, residuals: tuple[jax.Array, jax.Array], cotangent: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    _, vjp = jax.vjp(lambda x, w: _conv_xla(x, w, 1, pads), *residuals)
+    dx, dw = vjp(cotangent)
+    return dx, dw
+
+
+_conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
 
 
 def conv_paired_columns(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
@@ -217,13 +260,10 @@ def kernel_grad(
 
 
 def _native_applies(x: jax.Array, kernel_shape: tuple[int, ...]) -> bool:
-    """Whether the C++ kernel gradient runs: CPU, float32/64, and at least one full register
-    tile (16 input channels, one vector of outputs); XLA is faster on the 3-channel stems."""
-    lanes = 64 // x.dtype.itemsize
+    """Whether the C++ kernel gradient runs: CPU, float32/64, at least one vector of outputs."""
     return (
         x.dtype in _YNN_DTYPES
-        and kernel_shape[2] >= 16
-        and kernel_shape[3] >= lanes
+        and kernel_shape[3] >= 64 // x.dtype.itemsize
         and jax.default_backend() == "cpu"
         and native.available()
     )

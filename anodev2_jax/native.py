@@ -1,11 +1,12 @@
-"""The C++ convolution kernel gradient for the CPU (``csrc/kernel_grad.cc``), as an XLA FFI call.
+"""C++ convolution kernels for the CPU, as XLA FFI calls: the stride-1 kernel gradient
+(``csrc/kernel_grad.cc``) and the stride-1 convolution itself (``csrc/conv_forward.cc``).
 
 Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) against the
-FFI headers that ship with jaxlib, cached under ``$ANODEV2_CACHE`` (default
-``~/.cache/anodev2_jax``) by a hash of the source, compiler, flags, jaxlib version and CPU
+FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACHE`` (default
+``~/.cache/anodev2_jax``) by a hash of the sources, compiler, flags, jaxlib version and CPU
 model (``-march=native``), and registered with XLA for the CPU platform. :func:`available`
 says whether that worked; when it did not (no compiler, not Linux/macOS),
-``conv2d(impl="cpu")`` falls back to XLA's own formulation and says why once, as a warning.
+``conv2d(impl="cpu")`` falls back to XLA's own formulations and says why once, as a warning.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-SOURCE = Path(__file__).with_name("csrc") / "kernel_grad.cc"
-TARGETS = {
-    jnp.dtype(jnp.float32): "anodev2_kernel_grad_f32",
-    jnp.dtype(jnp.float64): "anodev2_kernel_grad_f64",
-}
-_SYMBOLS = {
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "kernel_grad.cc", CSRC / "conv_forward.cc")
+HEADERS = (CSRC / "chunks.h",)
+_SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_kernel_grad_f32": "Anodev2KernelGradF32",
     "anodev2_kernel_grad_f64": "Anodev2KernelGradF64",
+    "anodev2_conv_forward_f32": "Anodev2ConvForwardF32",
+    "anodev2_conv_forward_f64": "Anodev2ConvForwardF64",
 }
+_SUFFIX = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.float64): "f64"}
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 
 
@@ -47,8 +49,29 @@ def kernel_grad(
     """
     kh, kw = kernel_size
     out = jax.ShapeDtypeStruct((kh, kw, x.shape[3], g.shape[3]), x.dtype)
-    call = jax.ffi.ffi_call(TARGETS[jnp.dtype(x.dtype)], out, vmap_method="sequential")
+    target = f"anodev2_kernel_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(x, g, pad_h=np.int64(pads[0]), pad_w=np.int64(pads[1]))
+
+
+def conv_forward(
+    x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]
+) -> jax.Array:
+    """The stride-1 convolution of x (N, H, W, Cin) with w (kh, kw, Cin, Cout) ->
+    (N, Ho, Wo, Cout); ``pads``: ((top, bottom), (left, right)) zero rows and columns, ≥ 0.
+
+    Requires :func:`available`, float32 or float64, Cout a multiple of 64 bytes' worth of
+    values (16 float32, 8 float64); CPU only. No autodiff of its own.
+    """
+    (top, bottom), (left, right) = pads
+    kh, kw, _, cout = w.shape
+    n, h, width, _ = x.shape
+    out = jax.ShapeDtypeStruct(
+        (n, h + top + bottom - kh + 1, width + left + right - kw + 1, cout), x.dtype
+    )
+    target = f"anodev2_conv_forward_{_SUFFIX[jnp.dtype(x.dtype)]}"
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    return call(x, w, pad_top=np.int64(top), pad_left=np.int64(left))
 
 
 _available: bool | None = None  # None: not tried yet
@@ -68,8 +91,8 @@ def _build_and_register() -> bool:
     except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(
-            f"anodev2_jax: the C++ kernel gradient could not be built ({detail.strip()[:500]}); "
-            "conv2d(impl='cpu') uses XLA's formulation instead",
+            f"anodev2_jax: the C++ convolution kernels could not be built "
+            f"({detail.strip()[:500]}); conv2d(impl='cpu') uses XLA's formulations instead",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -86,12 +109,11 @@ def _build() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    source = SOURCE.read_bytes()
     flags = [*FLAGS, f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256(
         b"\0".join(
             [
-                source,
+                *(path.read_bytes() for path in (*SOURCES, *HEADERS)),
                 compiler.encode(),
                 " ".join(flags).encode(),
                 jaxlib.__version__.encode(),
@@ -101,14 +123,14 @@ def _build() -> Path:
         )
     ).hexdigest()[:16]
     cache = Path(os.environ.get("ANODEV2_CACHE", Path.home() / ".cache" / "anodev2_jax"))
-    library = cache / f"kernel_grad-{key}.so"
+    library = cache / f"anodev2_native-{key}.so"
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         built = Path(scratch) / library.name
         subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(built)],
+            [compiler, *flags, *map(str, SOURCES), "-o", str(built)],
             check=True,
             capture_output=True,
             text=True,

@@ -14,7 +14,7 @@ from anodev2_jax.conv import conv2d
 
 # (H, W, Cin, Cout, kernel, stride, padding): each reaches a different formulation
 CASES = {
-    "stem 3x3 (paired columns)": (8, 8, 3, 16, 3, 1, 1),
+    "stem 3x3 (native conv and dw)": (8, 8, 3, 16, 3, 1, 1),
     "12 channels SAME (cpu_paired pairs, conv dw)": (8, 8, 12, 12, 3, 1, "SAME"),
     "VALID odd width (unpadded conv and dw)": (6, 7, 10, 4, 3, 1, "VALID"),
     "VALID 20 channels (unpadded, YNNPACK)": (6, 6, 20, 18, 3, 1, "VALID"),
@@ -24,6 +24,9 @@ CASES = {
     "1x1 stride 2 (shortcut)": (8, 8, 4, 6, 1, 2, 0),
     "stride 3": (9, 9, 2, 3, 3, 3, 1),
     "32 channels, 16-wide tiles and a 5-column rest (native dw)": (5, 6, 37, 21, 3, 1, 1),
+    "20 -> 32 5x5 (native conv and dx)": (6, 7, 20, 32, 5, 1, 2),
+    "VALID 16 outputs (native conv, no padding)": (6, 7, 10, 16, 3, 1, "VALID"),
+    "stride 2 to 8 channels (native dx: 4 phases x 4 channels)": (8, 7, 4, 8, 3, 2, 1),
 }
 
 
@@ -75,7 +78,7 @@ def test_value_and_gradients_equal_xla_float32(impl, name):
     assert tree_relative_error(ours, xla) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["stem 3x3 (paired columns)", "stride 2 SAME odd size"])
+@pytest.mark.parametrize("name", ["stem 3x3 (native conv and dw)", "stride 2 SAME odd size"])
 def test_gradients_match_finite_differences(name):
     case = CASES[name]
     x, kernel, _ = _operands(case, jnp.float64)
@@ -84,7 +87,14 @@ def test_gradients_match_finite_differences(name):
     check_grads(fn, (x, kernel), order=1, modes=("rev",))
 
 
-@pytest.mark.parametrize("name", ["stride 2 padding 1 odd width (phases, taps)", "5x5 padding 2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "stride 2 padding 1 odd width (phases, taps)",
+        "5x5 padding 2",
+        "20 -> 32 5x5 (native conv and dx)",
+    ],
+)
 def test_second_order_reverse_mode_equals_xla(name):
     """The gradient of a loss of the gradient (reverse over reverse), as training with a
     gradient penalty or a Hessian-vector product would take it."""
@@ -140,7 +150,32 @@ def test_bad_arguments_are_named(x_shape, kernel_shape, kwargs, message):
         conv2d(np.zeros(x_shape), np.zeros(kernel_shape), **kwargs)
 
 
-# -- the C++ kernel gradient -----------------------------------------------------------------------
+# -- the C++ kernels -------------------------------------------------------------------------------
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's conv")
+@pytest.mark.parametrize(
+    "shape, pads",
+    [
+        ((2, 9, 29, 16, 16, 3), ((1, 1), (1, 1))),  # 24-pixel tiles and a 5-pixel rest
+        ((2, 8, 8, 64, 64, 5), ((2, 2), (2, 2))),  # AlexNet's block: 4 vectors of outputs
+        ((3, 5, 6, 20, 48, 3), ((0, 2), (2, 0))),  # 3 vectors; padding on one side only
+        ((2, 7, 6, 3, 112, 2), ((0, 0), (0, 0))),  # 4 + 3 vectors; none
+        ((2, 5, 7, 16, 8, 3), ((1, 1), (1, 1))),  # float64: 16 channels to one vector
+    ],
+)
+def test_native_conv_forward_equals_xla(shape, pads):
+    n, h, w, cin, cout, k = shape
+    for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
+        if cout % (64 // jnp.dtype(dtype).itemsize):
+            continue  # no whole vector of outputs: conv2d does not call it
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
+        kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), dtype)
+        expected = conv_lib._conv_xla(x, kernel, 1, pads)
+        got = jax.jit(native.conv_forward, static_argnums=2)(x, kernel, pads)
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert tree_relative_error(got, expected) <= tolerance
+
+
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's dw")
 @pytest.mark.parametrize(
     "shape, pads",

@@ -2,20 +2,19 @@
 //
 //   dw[i, j, c, o] = sum_{n, y, x} xin[n, y + i - pad_h, x + j - pad_w, c] * g[n, y, x, o]
 //
-// (zero outside xin; pad_h, pad_w: the zero rows and columns before the image). XLA:CPU runs this as a convolution over the batch, on one thread and
-// behind two transposes; here the batch is split into chunks that the calls' thread and
-// XLA's intra-op pool share, each chunk accumulating (c, o) tiles held in registers over an
-// output row, and the chunks' partial sums are added in chunk order (deterministic).
+// (zero outside xin; pad_h, pad_w: the zero rows and columns before the image). XLA:CPU runs
+// this as a convolution over the batch, on one thread and behind two transposes; here the
+// batch is split into chunks that the call's thread and XLA's intra-op pool share, each
+// chunk accumulating (c, o) tiles held in registers over all its pixels, tap by tap, and the
+// chunks' partial sums are added in chunk order (deterministic).
 // Built by anodev2_jax/native.py.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "chunks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -29,64 +28,117 @@ struct Shape {
   int64_t pad_h, pad_w;
 };
 
-// out[c0 + cb, o0 : o0 + lanes] += sum over one output row's columns of x[column + j - pad_w,
-// c0 + cb] * g[column, o0 : o0 + lanes]: CB accumulators of one vector each, in registers
-// (GCC/Clang vector extensions, lowered to the machine's SIMD: AVX-512 here).
-template <typename T, int CB>
-inline void RowTile(const T* xrow, const T* grow, const Shape& s, int64_t j, int64_t c0,
-                    int64_t o0, T* out) {
+// out[c0 + cb, o0 + v * lanes : ...] += the sum over the pixels (y, q) of
+// x[n, y + i - pad_h, q + j - pad_w, c0 + cb] * g[n, y, q, o0 + v * lanes : ...], for one tap
+// (i, j) and one image n: CB x OV vectors of accumulators in registers (GCC/Clang vector
+// extensions, lowered to the machine's SIMD), PU copies of them over interleaved pixels where
+// CB x OV alone are too few to hide the latency of the multiply-adds.
+template <typename T, int CB, int OV>
+void TapBlock(const T* x, const T* g, const Shape& s, int64_t n, int64_t i,
+              int64_t j, int64_t c0, int64_t o0, T* out) {
   typedef T V __attribute__((vector_size(64)));
-  const int64_t x_lo = std::max<int64_t>(0, s.pad_w - j);
-  const int64_t x_hi = std::min<int64_t>(s.wo, s.w + s.pad_w - j);
-  V acc[CB];
-  for (int cb = 0; cb < CB; ++cb) acc[cb] = V{};
-  for (int64_t x = x_lo; x < x_hi; ++x) {
-    const T* xv = xrow + (x + j - s.pad_w) * s.c + c0;
-    V gv;
-    std::memcpy(&gv, grow + x * s.o + o0, sizeof(V));
-    for (int cb = 0; cb < CB; ++cb) acc[cb] += xv[cb] * gv;
+  constexpr int64_t L = 64 / sizeof(T);
+  constexpr int PU = CB * OV >= 8 ? 1 : (CB * OV >= 4 ? 2 : 4);
+  const int64_t q_lo = std::max<int64_t>(0, s.pad_w - j);
+  const int64_t q_hi = std::min<int64_t>(s.wo, s.w + s.pad_w - j);
+  V acc[PU][CB][OV];
+  for (int u = 0; u < PU; ++u)
+    for (int cb = 0; cb < CB; ++cb)
+      for (int v = 0; v < OV; ++v) acc[u][cb][v] = V{};
+  for (int64_t y = 0; y < s.ho; ++y) {
+    const int64_t yi = y + i - s.pad_h;
+    if (yi < 0 || yi >= s.h || q_lo >= q_hi) continue;
+    const T* xr = x + ((n * s.h + yi) * s.w + q_lo + j - s.pad_w) * s.c + c0;
+    const T* gr = g + ((n * s.ho + y) * s.wo + q_lo) * s.o + o0;
+    const int64_t count = q_hi - q_lo;
+    int64_t q = 0;
+    for (; q + PU <= count; q += PU)
+      for (int u = 0; u < PU; ++u) {
+        V gv[OV];
+        for (int v = 0; v < OV; ++v) std::memcpy(&gv[v], gr + (q + u) * s.o + v * L, sizeof(V));
+        for (int cb = 0; cb < CB; ++cb) {
+          const T xs = xr[(q + u) * s.c + cb];
+          for (int v = 0; v < OV; ++v) acc[u][cb][v] += xs * gv[v];
+        }
+      }
+    for (; q < count; ++q) {
+      V gv[OV];
+      for (int v = 0; v < OV; ++v) std::memcpy(&gv[v], gr + q * s.o + v * L, sizeof(V));
+      for (int cb = 0; cb < CB; ++cb) {
+        const T xs = xr[q * s.c + cb];
+        for (int v = 0; v < OV; ++v) acc[0][cb][v] += xs * gv[v];
+      }
+    }
   }
-  for (int cb = 0; cb < CB; ++cb) {
-    V o;
-    T* dst = out + (c0 + cb) * s.o + o0;
-    std::memcpy(&o, dst, sizeof(V));
-    o += acc[cb];
-    std::memcpy(dst, &o, sizeof(V));
+  for (int cb = 0; cb < CB; ++cb)
+    for (int v = 0; v < OV; ++v) {
+      V sum;
+      T* dst = out + (c0 + cb) * s.o + o0 + v * L;
+      std::memcpy(&sum, dst, sizeof(V));
+      for (int u = 0; u < PU; ++u) sum += acc[u][cb][v];
+      std::memcpy(dst, &sum, sizeof(V));
+    }
+}
+
+// All input channels of one block of OV output vectors: CB = 16 / OV at a time (16
+// accumulators), the rest in one narrower block.
+template <typename T, int OV>
+void ChannelBlocks(const T* x, const T* g, const Shape& s, int64_t n, int64_t i,
+                   int64_t j, int64_t o0, T* out) {
+  constexpr int CB = 16 / OV;
+  int64_t c0 = 0;
+  for (; c0 + CB <= s.c; c0 += CB) TapBlock<T, CB, OV>(x, g, s, n, i, j, c0, o0, out);
+  switch (s.c - c0) {
+#define ANODEV2_REST(r) \
+  case r:               \
+    if constexpr (r < CB) TapBlock<T, r, OV>(x, g, s, n, i, j, c0, o0, out); \
+    break;
+    ANODEV2_REST(1) ANODEV2_REST(2) ANODEV2_REST(3) ANODEV2_REST(4) ANODEV2_REST(5)
+    ANODEV2_REST(6) ANODEV2_REST(7) ANODEV2_REST(8) ANODEV2_REST(9) ANODEV2_REST(10)
+    ANODEV2_REST(11) ANODEV2_REST(12) ANODEV2_REST(13) ANODEV2_REST(14) ANODEV2_REST(15)
+#undef ANODEV2_REST
+    default:
+      break;
   }
 }
 
-// Any channel counts: CB x (one vector of outputs) tiles where they fit, scalar loops for the
-// rest.
-template <typename T, int CB>
-void Row(const T* xrow, const T* grow, const Shape& s, int64_t j, T* out) {
-  constexpr int64_t OB = 64 / sizeof(T);
-  const int64_t c_full = s.c / CB * CB, o_full = s.o / OB * OB;
-  for (int64_t c0 = 0; c0 < c_full; c0 += CB)
-    for (int64_t o0 = 0; o0 < o_full; o0 += OB) RowTile<T, CB>(xrow, grow, s, j, c0, o0, out);
-  if (c_full == s.c && o_full == s.o) return;
-  const int64_t x_lo = std::max<int64_t>(0, s.pad_w - j);
-  const int64_t x_hi = std::min<int64_t>(s.wo, s.w + s.pad_w - j);
-  for (int64_t x = x_lo; x < x_hi; ++x) {
-    const T* xv = xrow + (x + j - s.pad_w) * s.c;
-    const T* gv = grow + x * s.o;
-    for (int64_t c = 0; c < s.c; ++c)
-      for (int64_t o = (c < c_full ? o_full : 0); o < s.o; ++o) out[c * s.o + o] += xv[c] * gv[o];
-  }
-}
-
-// Partial dw (kh, kw, c, o) of images [n0, n1).
+// Adds image n's share of dw (kh, kw, c, o) to partial: per tap, blocks of 4 output vectors,
+// the 1-3 vectors left, then a scalar loop for the outputs that fill no vector. (One image at
+// a time keeps its x and g in the L2 cache over the taps.)
 template <typename T>
-void Chunk(const T* xin, const T* g, const Shape& s, int64_t n0, int64_t n1, T* out) {
-  const int64_t tap = s.c * s.o;
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t y = 0; y < s.ho; ++y) {
-      const T* grow = g + ((n * s.ho + y) * s.wo) * s.o;
-      for (int64_t i = 0; i < s.kh; ++i) {
+void Image(const T* x, const T* g, const Shape& s, int64_t n, T* partial) {
+  constexpr int64_t L = 64 / sizeof(T);
+  const int64_t vectors = s.o / L, o_full = vectors * L;
+  for (int64_t i = 0; i < s.kh; ++i)
+    for (int64_t j = 0; j < s.kw; ++j) {
+      T* out = partial + (i * s.kw + j) * s.c * s.o;
+      int64_t v0 = 0;
+      for (; v0 + 4 <= vectors; v0 += 4) ChannelBlocks<T, 4>(x, g, s, n, i, j, v0 * L, out);
+      switch (vectors - v0) {
+        case 3:
+          ChannelBlocks<T, 3>(x, g, s, n, i, j, v0 * L, out);
+          break;
+        case 2:
+          ChannelBlocks<T, 2>(x, g, s, n, i, j, v0 * L, out);
+          break;
+        case 1:
+          ChannelBlocks<T, 1>(x, g, s, n, i, j, v0 * L, out);
+          break;
+        default:
+          break;
+      }
+      if (o_full == s.o) continue;
+      const int64_t q_lo = std::max<int64_t>(0, s.pad_w - j);
+      const int64_t q_hi = std::min<int64_t>(s.wo, s.w + s.pad_w - j);
+      for (int64_t y = 0; y < s.ho; ++y) {
         const int64_t yi = y + i - s.pad_h;
         if (yi < 0 || yi >= s.h) continue;
-        const T* xrow = xin + ((n * s.h + yi) * s.w) * s.c;
-        for (int64_t j = 0; j < s.kw; ++j)
-          Row<T, 16>(xrow, grow, s, j, out + (i * s.kw + j) * tap);
+        for (int64_t q = q_lo; q < q_hi; ++q) {
+          const T* xv = x + ((n * s.h + yi) * s.w + q + j - s.pad_w) * s.c;
+          const T* gv = g + ((n * s.ho + y) * s.wo + q) * s.o;
+          for (int64_t c = 0; c < s.c; ++c)
+            for (int64_t o = o_full; o < s.o; ++o) out[c * s.o + o] += xv[c] * gv[o];
+        }
       }
     }
 }
@@ -95,29 +147,15 @@ template <typename T>
 void KernelGrad(const T* xin, const T* g, const Shape& s, ffi::ThreadPool& pool, T* dw) {
   const int64_t size = s.kh * s.kw * s.c * s.o;
   const int64_t chunks = std::min<int64_t>(s.n, 16);
-  struct Work {
-    std::vector<T> partials;
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto work = std::make_shared<Work>();
-  work->partials.assign(chunks * size, T(0));
-  auto run = [xin, g, s, size, chunks, work]() {
-    for (int64_t k; (k = work->next.fetch_add(1)) < chunks;) {
-      Chunk(xin, g, s, s.n * k / chunks, s.n * (k + 1) / chunks, work->partials.data() + k * size);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  // The calling thread works too, so every chunk gets done even if the pool is busy: a task
-  // that starts late finds no chunk left and only drops its reference to `work`.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(run)(run));
-  run();
-  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  std::vector<T> partials(chunks * size);
+  T* p = partials.data();
+  anodev2::RunChunks(pool, chunks, [=](int64_t k) {
+    for (int64_t n = s.n * k / chunks; n < s.n * (k + 1) / chunks; ++n)
+      Image(xin, g, s, n, p + k * size);
+  });
   std::fill(dw, dw + size, T(0));
-  for (int64_t k = 0; k < chunks; ++k) {
-    const T* p = work->partials.data() + k * size;
-    for (int64_t e = 0; e < size; ++e) dw[e] += p[e];
-  }
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t e = 0; e < size; ++e) dw[e] += p[k * size + e];
 }
 
 template <ffi::DataType DT>
