@@ -7,26 +7,26 @@ convolution to YNNPACK (one thread, as measured here) when it has more than 16 c
 out, and to Eigen (all threads) otherwise. ``benchmarks/conv_microbench.py`` times each
 formulation; the choices are:
 
-- stride-1 convolutions with whole vectors of outputs (Cout a multiple of 16 float32 or 8
-  float64), forward and as the input gradient below: a C++ kernel (``csrc/conv_forward.cc``,
-  an XLA FFI call built on first use by :mod:`anodev2_jax.native`) that splits the output
-  rows between the call's thread and XLA's pool and accumulates tiles of pixels × output
-  vectors in registers. XLA:CPU gives convolutions with more than 16 channels to YNNPACK on
-  one thread, and 16-channel ones to Eigen, both slower on 2 cores (BENCHMARKS.md §9).
-- kernel gradient, stride 1: a C++ kernel (``csrc/kernel_grad.cc``) that accumulates tiles
-  of input channels × output vectors in registers over each image's pixels, tap by tap, on
-  the call's thread and XLA's pool; used from one vector of outputs. XLA runs the same as a
-  convolution of x with g over the batch on one YNNPACK thread, behind transposes to (Cin,
-  H, W, N) and (Ho, Wo, N, Cout); that is the fallback, behind a conditional:
-  XLA:CPU otherwise fuses the producers of x and g (BatchNorm, ReLU, their backward) into
-  those transposes, which then read their inputs with a stride of H·W·C;
+- convolutions with whole vectors of outputs (Cout a multiple of 16 float32 or 8 float64),
+  any kernel and stride but 1×1 at stride 1 (a matmul, XLA's), forward and as the input
+  gradient below: a C++ kernel (``csrc/conv_forward.cc``, an XLA FFI call built on first
+  use by :mod:`anodev2_jax.native`) that splits the output rows between the call's thread
+  and XLA's pool and accumulates tiles of pixels × output vectors in registers. XLA:CPU
+  gives convolutions with more than 16 channels to YNNPACK on one thread and 16-channel ones
+  to Eigen, both slower on 2 cores (BENCHMARKS.md §9).
+- their kernel gradient, from one vector of outputs: a C++ kernel (``csrc/kernel_grad.cc``)
+  that accumulates tiles of input channels × output vectors in registers over each image's
+  pixels, tap by tap, on the call's thread and XLA's pool.
+- other kernel gradients at stride 1: XLA's convolution of x with g over the batch (one
+  YNNPACK thread, behind transposes to (Cin, H, W, N) and (Ho, Wo, N, Cout)) behind a
+  conditional: XLA:CPU otherwise fuses the producers of x and g (BatchNorm, ReLU, their
+  backward) into those transposes, which then read their inputs with a stride of H·W·C;
   ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusion), a
-  conditional does.
-- kernel gradient, stride > 1 or a 1×1 kernel: one (Cin, N·Ho·Wo) @ (N·Ho·Wo, Cout) matmul
-  per tap of a strided slice of the padded x, where XLA's window convolution is slower.
+  conditional does. At stride > 1 or 1×1: one (Cin, N·Ho·Wo) @ (N·Ho·Wo, Cout) matmul per
+  tap of a strided slice of the padded x, where XLA's window convolution is slower.
 - input gradient: one stride-1 convolution of g that writes the stride² phases of dx as
-  channels, then a depth-to-space reshape. At stride 1 this is XLA's flipped-kernel
-  convolution; at stride 2 it replaces XLA's zero-dilated one, which XLA:CPU runs 2-4× slower.
+  channels, then a depth-to-space reshape (at stride 1, the flipped-kernel convolution). At
+  stride 2 it replaces XLA's zero-dilated one, which XLA:CPU runs 2-4× slower.
 - other stride-1 convolutions from or to at most 4 channels with at most 16 on the other
   side: pairs of adjacent columns folded into channels, x (N, H, W, C) -> (N, H, W/2,
   2C) by a free reshape of the padded x, with a (kh, kw//2 + 1, 2C, 2Cout) kernel that places
@@ -124,8 +124,8 @@ def _conv_xla(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Array:
 def _conv(x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool) -> jax.Array:
     """The convolution as impl="cpu" (paired=False) or "cpu_paired" computes it."""
     kh, kw, cin, cout = w.shape
-    if stride == 1 and kh * kw > 1 and _native_conv_applies(x, cout):
-        return _conv_native(x, w, pads)
+    if (kh * kw > 1 or stride > 1) and _native_conv_applies(x, cout):  # 1x1/1: a matmul
+        return _conv_native(x, w, stride, pads)
     # pairing hands YNNPACK (one thread) what Eigen (all threads) would run: see the module doc
     ynn_after_pairing = 8 < max(cin, cout) <= 16 and x.dtype in _YNN_DTYPES
     pair = stride == 1 and kw > 1 and ynn_after_pairing and (paired or min(cin, cout) <= 4)
@@ -148,23 +148,23 @@ def _native_conv_applies(x: jax.Array, cout: int) -> bool:
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_native(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:
-    """The stride-1 convolution by the C++ kernel (anodev2_jax.native), differentiable: its
-    gradient is XLA's (this is what the gradients of impl="cpu" differentiate to)."""
-    return native.conv_forward(x, w, pads)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_native(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Array:
+    """The convolution by the C++ kernel (anodev2_jax.native), differentiable: its gradient
+    is XLA's (this is what the gradients of impl="cpu" differentiate to)."""
+    return native.conv_forward(x, w, pads, stride)
 
 
 def _conv_native_fwd(
-    x: jax.Array, w: jax.Array, pads: Pads
+    x: jax.Array, w: jax.Array, stride: int, pads: Pads
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return native.conv_forward(x, w, pads), (x, w)
+    return native.conv_forward(x, w, pads, stride), (x, w)
 
 
 def _conv_native_bwd(
-    pads: Pads, residuals: tuple[jax.Array, jax.Array], cotangent: jax.Array
+    stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array], cotangent: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    _, vjp = jax.vjp(lambda x, w: _conv_xla(x, w, 1, pads), *residuals)
+    _, vjp = jax.vjp(lambda x, w: _conv_xla(x, w, stride, pads), *residuals)
     dx, dw = vjp(cotangent)
     return dx, dw
 
@@ -226,8 +226,8 @@ def _conv_cpu_bwd(
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
     dx = input_grad(g, w, x.shape, stride, pads, paired)
-    if stride == 1 and w.shape[0] * w.shape[1] > 1 and _native_applies(x, w.shape):
-        dw = _kernel_grad_native(x, g, w.shape, pads)
+    if (w.shape[0] * w.shape[1] > 1 or stride > 1) and _native_applies(x, w.shape):
+        dw = _kernel_grad_native(x, g, w.shape, stride, pads)
     else:
         dw = _materialized(lambda x, g: kernel_grad(x, g, w.shape, stride, pads), x, g)
     return dx, dw
@@ -269,28 +269,31 @@ def _native_applies(x: jax.Array, kernel_shape: tuple[int, ...]) -> bool:
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _kernel_grad_native(
-    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], pads: Pads
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int, pads: Pads
 ) -> jax.Array:
-    """The stride-1 kernel gradient by the C++ kernel (anodev2_jax.native), differentiable:
-    its own gradient is that of :func:`kernel_grad_conv`, the same linear map."""
-    return native.kernel_grad(x, g, (kernel_shape[0], kernel_shape[1]), (pads[0][0], pads[1][0]))
+    """The kernel gradient by the C++ kernel (anodev2_jax.native), differentiable: its own
+    gradient is that of :func:`kernel_grad`, the same linear map."""
+    return native.kernel_grad(
+        x, g, (kernel_shape[0], kernel_shape[1]), (pads[0][0], pads[1][0]), stride
+    )
 
 
 def _kernel_grad_native_fwd(
-    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], pads: Pads
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int, pads: Pads
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _kernel_grad_native(x, g, kernel_shape, pads), (x, g)
+    return _kernel_grad_native(x, g, kernel_shape, stride, pads), (x, g)
 
 
 def _kernel_grad_native_bwd(
     kernel_shape: tuple[int, ...],
+    stride: int,
     pads: Pads,
     residuals: tuple[jax.Array, jax.Array],
     cotangent: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    _, vjp = jax.vjp(lambda x, g: kernel_grad_conv(x, g, kernel_shape, pads), *residuals)
+    _, vjp = jax.vjp(lambda x, g: kernel_grad(x, g, kernel_shape, stride, pads), *residuals)
     dx, dg = vjp(cotangent)
     return dx, dg
 

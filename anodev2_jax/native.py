@@ -1,5 +1,5 @@
-"""C++ convolution kernels for the CPU, as XLA FFI calls: the stride-1 kernel gradient
-(``csrc/kernel_grad.cc``) and the stride-1 convolution itself (``csrc/conv_forward.cc``).
+"""C++ convolution kernels for the CPU, as XLA FFI calls: the convolution
+(``csrc/conv_forward.cc``) and its kernel gradient (``csrc/kernel_grad.cc``).
 
 Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) against the
 FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACHE`` (default
@@ -40,10 +40,14 @@ FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-er
 
 
 def kernel_grad(
-    x: jax.Array, g: jax.Array, kernel_size: tuple[int, int], pads: tuple[int, int]
+    x: jax.Array,
+    g: jax.Array,
+    kernel_size: tuple[int, int],
+    pads: tuple[int, int],
+    stride: int = 1,
 ) -> jax.Array:
-    """dw (kh, kw, Cin, Cout) of the stride-1 convolution y = conv(x, w) from x (N, H, W, Cin)
-    and g = dL/dy (N, Ho, Wo, Cout); ``pads``: the zero rows and columns before the image.
+    """dw (kh, kw, Cin, Cout) of the convolution y = conv(x, w) from x (N, H, W, Cin) and
+    g = dL/dy (N, Ho, Wo, Cout); ``pads``: the zero rows and columns before the image.
 
     Requires :func:`available`; float32 or float64, CPU only. No autodiff of its own.
     """
@@ -51,14 +55,17 @@ def kernel_grad(
     out = jax.ShapeDtypeStruct((kh, kw, x.shape[3], g.shape[3]), x.dtype)
     target = f"anodev2_kernel_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-    return call(x, g, pad_h=np.int64(pads[0]), pad_w=np.int64(pads[1]))
+    return call(x, g, pad_h=np.int64(pads[0]), pad_w=np.int64(pads[1]), stride=np.int64(stride))
 
 
 def conv_forward(
-    x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]
+    x: jax.Array,
+    w: jax.Array,
+    pads: tuple[tuple[int, int], tuple[int, int]],
+    stride: int = 1,
 ) -> jax.Array:
-    """The stride-1 convolution of x (N, H, W, Cin) with w (kh, kw, Cin, Cout) ->
-    (N, Ho, Wo, Cout); ``pads``: ((top, bottom), (left, right)) zero rows and columns, ≥ 0.
+    """The convolution of x (N, H, W, Cin) with w (kh, kw, Cin, Cout) -> (N, Ho, Wo, Cout);
+    ``pads``: ((top, bottom), (left, right)) zero rows and columns, ≥ 0.
 
     Requires :func:`available`, float32 or float64, Cout a multiple of 64 bytes' worth of
     values (16 float32, 8 float64); CPU only. No autodiff of its own.
@@ -66,12 +73,12 @@ def conv_forward(
     (top, bottom), (left, right) = pads
     kh, kw, _, cout = w.shape
     n, h, width, _ = x.shape
-    out = jax.ShapeDtypeStruct(
-        (n, h + top + bottom - kh + 1, width + left + right - kw + 1, cout), x.dtype
-    )
+    out_h = (h + top + bottom - kh) // stride + 1
+    out_w = (width + left + right - kw) // stride + 1
+    out = jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype)
     target = f"anodev2_conv_forward_{_SUFFIX[jnp.dtype(x.dtype)]}"
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-    return call(x, w, pad_top=np.int64(top), pad_left=np.int64(left))
+    return call(x, w, pad_top=np.int64(top), pad_left=np.int64(left), stride=np.int64(stride))
 
 
 _available: bool | None = None  # None: not tried yet

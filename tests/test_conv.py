@@ -27,6 +27,9 @@ CASES = {
     "20 -> 32 5x5 (native conv and dx)": (6, 7, 20, 32, 5, 1, 2),
     "VALID 16 outputs (native conv, no padding)": (6, 7, 10, 16, 3, 1, "VALID"),
     "stride 2 to 8 channels (native dx: 4 phases x 4 channels)": (8, 7, 4, 8, 3, 2, 1),
+    "stride 2 odd size to 16 (native conv and dw)": (9, 7, 5, 16, 3, 2, 1),
+    "stride 3 5x5 VALID to 16 (native conv and dw)": (11, 10, 3, 16, 5, 3, "VALID"),
+    "1x1 stride 2 to 16 (native shortcut)": (8, 7, 4, 16, 1, 2, 0),
 }
 
 
@@ -93,6 +96,7 @@ def test_gradients_match_finite_differences(name):
         "stride 2 padding 1 odd width (phases, taps)",
         "5x5 padding 2",
         "20 -> 32 5x5 (native conv and dx)",
+        "stride 2 odd size to 16 (native conv and dw)",
     ],
 )
 def test_second_order_reverse_mode_equals_xla(name):
@@ -151,51 +155,51 @@ def test_bad_arguments_are_named(x_shape, kernel_shape, kwargs, message):
 
 
 # -- the C++ kernels -------------------------------------------------------------------------------
-@pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's conv")
-@pytest.mark.parametrize(
-    "shape, pads",
-    [
-        ((2, 9, 29, 16, 16, 3), ((1, 1), (1, 1))),  # 24-pixel tiles and a 5-pixel rest
-        ((2, 8, 8, 64, 64, 5), ((2, 2), (2, 2))),  # AlexNet's block: 4 vectors of outputs
-        ((3, 5, 6, 20, 48, 3), ((0, 2), (2, 0))),  # 3 vectors; padding on one side only
-        ((2, 7, 6, 3, 112, 2), ((0, 0), (0, 0))),  # 4 + 3 vectors; none
-        ((2, 5, 7, 16, 8, 3), ((1, 1), (1, 1))),  # float64: 16 channels to one vector
-    ],
-)
-def test_native_conv_forward_equals_xla(shape, pads):
+NATIVE_CASES = [  # (N, H, W, Cin, Cout, k), ((top, bottom), (left, right)), stride
+    ((2, 9, 29, 16, 16, 3), ((1, 1), (1, 1)), 1),  # 24-pixel tiles and a 5-pixel rest
+    ((2, 8, 8, 64, 64, 5), ((2, 2), (2, 2)), 1),  # AlexNet's block: 4 vectors of outputs
+    ((3, 5, 6, 20, 48, 3), ((0, 2), (2, 0)), 1),  # 3 vectors; padding on one side only
+    ((2, 7, 6, 3, 112, 2), ((0, 0), (0, 0)), 1),  # 4 + 3 vectors; none
+    ((2, 5, 7, 16, 8, 3), ((1, 1), (1, 1)), 1),  # float64: 16 channels to one vector
+    ((2, 6, 5, 37, 21, 3), ((1, 1), (1, 1)), 1),  # kernel gradient: tiles and scalar rests
+    ((2, 9, 9, 16, 32, 3), ((1, 1), (1, 1)), 2),  # ResNet-10's downsampling, odd size
+    ((2, 11, 10, 3, 16, 5), ((0, 0), (2, 1)), 3),  # columns and rows the output never reads
+    ((2, 8, 7, 16, 32, 1), ((0, 0), (0, 0)), 2),  # ResNet-10's 1x1 shortcut
+]
+
+
+def _native_operands(shape, pads, stride, dtype):
     n, h, w, cin, cout, k = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), dtype)
+    y = conv_lib._conv_xla(x, kernel, stride, pads)
+    return x, kernel, y, jnp.asarray(rng.standard_normal(y.shape), dtype)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's conv")
+@pytest.mark.parametrize("shape, pads, stride", NATIVE_CASES)
+def test_native_conv_forward_equals_xla(shape, pads, stride):
     for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
-        if cout % (64 // jnp.dtype(dtype).itemsize):
+        if shape[4] % (64 // jnp.dtype(dtype).itemsize):
             continue  # no whole vector of outputs: conv2d does not call it
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
-        kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), dtype)
-        expected = conv_lib._conv_xla(x, kernel, 1, pads)
-        got = jax.jit(native.conv_forward, static_argnums=2)(x, kernel, pads)
+        x, kernel, expected, _ = _native_operands(shape, pads, stride, dtype)
+        got = jax.jit(native.conv_forward, static_argnums=(2, 3))(x, kernel, pads, stride)
         assert got.dtype == dtype and got.shape == expected.shape
         assert tree_relative_error(got, expected) <= tolerance
 
 
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's dw")
-@pytest.mark.parametrize(
-    "shape, pads",
-    [
-        ((3, 9, 7, 16, 16, 3), (1, 1)),  # 16x16 tiles (ResNet blocks)
-        ((2, 6, 5, 37, 21, 3), (1, 1)),  # tiles and scalar rests
-        ((2, 8, 8, 64, 64, 5), (2, 2)),  # AlexNet's block
-        ((2, 7, 6, 3, 16, 3), (0, 2)),  # the stem's 3 channels; asymmetric, pad after the image
-    ],
-)
-def test_native_kernel_grad_equals_xla(shape, pads):
-    n, h, w, cin, cout, k = shape
-    conv_pads = ((pads[0], k - 1 - pads[0]), (pads[1], 1))
+@pytest.mark.parametrize("shape, pads, stride", NATIVE_CASES)
+def test_native_kernel_grad_equals_xla(shape, pads, stride):
+    kernel_shape = (shape[5], shape[5], shape[3], shape[4])
     for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
-        out_w = w + pads[1] + 1 - k + 1
-        g = jnp.asarray(rng.standard_normal((n, h, out_w, cout)), dtype)
-        expected = conv_lib.kernel_grad_conv(x, g, (k, k, cin, cout), conv_pads)
-        got = jax.jit(native.kernel_grad, static_argnums=(2, 3))(x, g, (k, k), pads)
+        x, _, _, g = _native_operands(shape, pads, stride, dtype)
+        expected = conv_lib.kernel_grad(x, g, kernel_shape, stride, pads)
+        before = (pads[0][0], pads[1][0])
+        got = jax.jit(native.kernel_grad, static_argnums=(2, 3, 4))(
+            x, g, kernel_shape[:2], before, stride
+        )
         assert got.dtype == dtype
         assert tree_relative_error(got, expected) <= tolerance
 

@@ -1,14 +1,14 @@
-// Stride-1 2-D convolution (NHWC x HWIO), an XLA FFI handler for the CPU.
+// 2-D convolution (NHWC x HWIO), an XLA FFI handler for the CPU.
 //
-//   y[n, r, q, o] = sum_{i, j, c} x[n, r + i - pad_top, q + j - pad_left, c] * w[i, j, c, o]
+//   y[n, r, q, o] = sum_{i, j, c} x[n, s r + i - pad_top, s q + j - pad_left, c] w[i, j, c, o]
 //
-// (zero outside x; the padding before, pad_top and pad_left, and after, implied by the
-// output's size, at least 0). XLA:CPU gives convolutions with more than 16 channels to YNNPACK on one
+// (stride s; zero outside x; pad_top, pad_left >= 0: the zero rows and columns before the
+// image, those after it follow from the output's size). XLA:CPU gives convolutions with more than 16 channels to YNNPACK on one
 // thread; here the output rows are split into chunks that the call's thread and XLA's
 // intra-op pool share. Per output row, the kh input rows it reads are copied with their zero
 // columns into a buffer; then tiles of PX pixels x OV vectors of output channels accumulate
 // in registers over the taps and input channels, whose (j, c) loop is one contiguous run of
-// kw * C values in the buffer and of kw * C rows of w. Needs C_out to be a multiple of the
+// kw * C values in the buffer (from pixel p's first column, s p) and of kw * C rows of w. Needs C_out to be a multiple of the
 // vector length. Built by anodev2_jax/native.py.
 
 #include <algorithm>
@@ -27,31 +27,33 @@ struct Shape {
   int64_t n, h, w, c;  // x
   int64_t ho, wo, o;   // y
   int64_t kh, kw;      // kernel
-  int64_t pad_top, pad_left;
-  int64_t wp;          // padded row width: wo + kw - 1
+  int64_t pad_top, pad_left, stride;
+  int64_t wp;          // padded row width: (wo - 1) * stride + kw
 };
 
 // out[p, o0 : o0 + OV * lanes] = sum over i < kh and k < kw * C of
-// rows[i][(q0 + p) * C + k] * w[i, k, o0 : ...], for the PX pixels q0 + p of one output row.
-template <typename T, int PX, int OV, int C>
+// rows[i][(q0 + p) * stride * C + k] * w[i, k, o0 : ...], for the PX pixels q0 + p of one
+// output row. PS: the pixel stride, stride * C, when known at compile time (then the PX
+// pixels' offsets are constants, not integer registers spilled to the stack), else 0.
+template <typename T, int PX, int OV, int PS>
 inline void Tile(const T* const* rows, const T* w, const Shape& s, int64_t q0, int64_t o0,
                  T* out) {
   typedef T V __attribute__((vector_size(64)));
   constexpr int64_t L = 64 / sizeof(T);
-  const int64_t c = C ? C : s.c, run = s.kw * c;
+  const int64_t ps = PS ? PS : s.stride * s.c, run = s.kw * s.c;
   V acc[PX][OV];
   #pragma GCC unroll 24  // all PX accumulators in registers
   for (int p = 0; p < PX; ++p)
     for (int v = 0; v < OV; ++v) acc[p][v] = V{};
   for (int64_t i = 0; i < s.kh; ++i) {
-    const T* xr = rows[i] + q0 * c;
+    const T* xr = rows[i] + q0 * ps;
     const T* wr = w + i * run * s.o + o0;
     for (int64_t k = 0; k < run; ++k) {
       V wv[OV];
       for (int v = 0; v < OV; ++v) std::memcpy(&wv[v], wr + k * s.o + v * L, sizeof(V));
       #pragma GCC unroll 24  // all PX accumulators in registers
       for (int p = 0; p < PX; ++p) {
-        const T xs = xr[p * c + k];
+        const T xs = xr[p * ps + k];
         for (int v = 0; v < OV; ++v) acc[p][v] += xs * wv[v];
       }
     }
@@ -62,18 +64,17 @@ inline void Tile(const T* const* rows, const T* w, const Shape& s, int64_t q0, i
 }
 
 // Pixel tiles of PX (= 24 / OV, the accumulators that fit the 32 vector registers), the last
-// one narrower. C: the number of input channels when known at compile time (then the PX
-// pixels' offsets are constants, not 24 integer registers spilled to the stack), else 0.
-template <typename T, int OV, int C>
+// one narrower.
+template <typename T, int OV, int PS>
 void RowBlock(const T* const* rows, const T* w, const Shape& s, int64_t o0, T* out) {
   constexpr int PX = 24 / OV;
   int64_t q0 = 0;
-  for (; q0 + PX <= s.wo; q0 += PX) Tile<T, PX, OV, C>(rows, w, s, q0, o0, out + q0 * s.o);
+  for (; q0 + PX <= s.wo; q0 += PX) Tile<T, PX, OV, PS>(rows, w, s, q0, o0, out + q0 * s.o);
   T* rest = out + q0 * s.o;
   switch (s.wo - q0) {
 #define ANODEV2_REST(r) \
   case r:               \
-    if constexpr (r < PX) Tile<T, r, OV, C>(rows, w, s, q0, o0, rest); \
+    if constexpr (r < PX) Tile<T, r, OV, PS>(rows, w, s, q0, o0, rest); \
     break;
     ANODEV2_REST(1) ANODEV2_REST(2) ANODEV2_REST(3) ANODEV2_REST(4) ANODEV2_REST(5)
     ANODEV2_REST(6) ANODEV2_REST(7) ANODEV2_REST(8) ANODEV2_REST(9) ANODEV2_REST(10)
@@ -87,7 +88,8 @@ void RowBlock(const T* const* rows, const T* w, const Shape& s, int64_t o0, T* o
 }
 
 // One output row: blocks of 4 output vectors, then the 1-3 left (one vector of outputs from
-// 16 input channels, as in the ResNets' blocks, with its offsets known at compile time).
+// 16 input channels at stride 1, as in the ResNets' blocks, with its offsets known at compile
+// time).
 template <typename T>
 void Row(const T* const* rows, const T* w, const Shape& s, T* out) {
   constexpr int64_t L = 64 / sizeof(T);
@@ -102,7 +104,7 @@ void Row(const T* const* rows, const T* w, const Shape& s, T* out) {
       RowBlock<T, 2, 0>(rows, w, s, v0 * L, out);
       break;
     case 1:
-      if (s.c == 16)
+      if (s.stride * s.c == 16)
         RowBlock<T, 1, 16>(rows, w, s, v0 * L, out);
       else
         RowBlock<T, 1, 0>(rows, w, s, v0 * L, out);
@@ -120,16 +122,18 @@ void Chunk(const T* x, const T* w, const Shape& s, int64_t r0, int64_t r1, T* y)
   std::vector<const T*> rows(s.kh);
   const T* zeros = buffer.data() + s.kh * row_size;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / s.ho, top = r % s.ho - s.pad_top;
+    const int64_t n = r / s.ho, top = r % s.ho * s.stride - s.pad_top;
     for (int64_t i = 0; i < s.kh; ++i) {
       const int64_t yi = top + i;
       if (yi < 0 || yi >= s.h) {
         rows[i] = zeros;
         continue;
       }
-      // columns [pad_left, pad_left + w) of the buffer row hold x's row, the others zeros
+      // columns [pad_left, pad_left + w) of the buffer row hold x's row (those the output
+      // reads), the others zeros
       T* dst = buffer.data() + i * row_size;
-      std::memcpy(dst + s.pad_left * s.c, x + (n * s.h + yi) * s.w * s.c, s.w * s.c * sizeof(T));
+      const int64_t count = std::min(s.w, s.wp - s.pad_left);
+      std::memcpy(dst + s.pad_left * s.c, x + (n * s.h + yi) * s.w * s.c, count * s.c * sizeof(T));
       rows[i] = dst;
     }
     Row(rows.data(), w, s, y + r * s.wo * s.o);
@@ -138,18 +142,17 @@ void Chunk(const T* x, const T* w, const Shape& s, int64_t r0, int64_t r1, T* y)
 
 template <ffi::DataType DT>
 ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
-                   ffi::ResultBuffer<DT> y, int64_t pad_top, int64_t pad_left) {
+                   ffi::ResultBuffer<DT> y, int64_t pad_top, int64_t pad_left, int64_t stride) {
   using T = ffi::NativeType<DT>;
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   constexpr int64_t L = 64 / sizeof(T);
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
       wd[2] != xd[3] || yd[3] != wd[3] || yd[3] % L != 0 || pad_top < 0 || pad_left < 0 ||
-      yd[1] + wd[0] - 1 < pad_top + xd[1] || yd[2] + wd[1] - 1 < pad_left + xd[2]) {
-    // (the padding after the image, which these sizes imply, must not be negative either)
+      stride < 1 || (yd[2] - 1) * stride + wd[1] <= pad_left) {
     return ffi::Error::InvalidArgument("anodev2 conv_forward: inconsistent shapes");
   }
   const Shape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
-                wd[0], wd[1], pad_top, pad_left, yd[2] + wd[1] - 1};
+                wd[0], wd[1], pad_top, pad_left, stride, (yd[2] - 1) * stride + wd[1]};
   const int64_t rows = s.n * s.ho, chunks = std::min<int64_t>(rows, 64);
   const T* xp = x.typed_data();
   const T* wp = w.typed_data();
@@ -170,7 +173,8 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
                                     .Arg<ffi::Buffer<DT>>() \
                                     .Ret<ffi::Buffer<DT>>() \
                                     .Attr<int64_t>("pad_top") \
-                                    .Attr<int64_t>("pad_left"));
+                                    .Attr<int64_t>("pad_left") \
+                                    .Attr<int64_t>("stride"));
 
 ANODEV2_CONV_FORWARD(Anodev2ConvForwardF32, ffi::F32)
 ANODEV2_CONV_FORWARD(Anodev2ConvForwardF64, ffi::F64)

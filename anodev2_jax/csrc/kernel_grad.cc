@@ -1,8 +1,8 @@
-// Kernel gradient of a stride-1 2-D convolution (NHWC x HWIO), an XLA FFI handler for the CPU.
+// Kernel gradient of a 2-D convolution (NHWC x HWIO), an XLA FFI handler for the CPU.
 //
-//   dw[i, j, c, o] = sum_{n, y, x} xin[n, y + i - pad_h, x + j - pad_w, c] * g[n, y, x, o]
+//   dw[i, j, c, o] = sum_{n, y, x} xin[n, s y + i - pad_h, s x + j - pad_w, c] * g[n, y, x, o]
 //
-// (zero outside xin; pad_h, pad_w: the zero rows and columns before the image). XLA:CPU runs
+// (stride s; zero outside xin; pad_h, pad_w: the zero rows and columns before the image). XLA:CPU runs
 // this as a convolution over the batch, on one thread and behind two transposes; here the
 // batch is split into chunks that the call's thread and XLA's intra-op pool share, each
 // chunk accumulating (c, o) tiles held in registers over all its pixels, tap by tap, and the
@@ -25,11 +25,18 @@ struct Shape {
   int64_t n, h, w, c;   // x
   int64_t ho, wo, o;    // g
   int64_t kh, kw;       // kernel
-  int64_t pad_h, pad_w;
+  int64_t pad_h, pad_w, stride;
 };
 
+// The output columns [lo, hi) whose tap j reads a column of x: 0 <= s q + j - pad_w < w.
+inline void Columns(const Shape& s, int64_t j, int64_t* lo, int64_t* hi) {
+  const int64_t first = s.pad_w - j, last = s.w - 1 + s.pad_w - j;  // bounds of s q
+  *lo = first <= 0 ? 0 : (first + s.stride - 1) / s.stride;
+  *hi = last < 0 ? 0 : std::min<int64_t>(s.wo, last / s.stride + 1);
+}
+
 // out[c0 + cb, o0 + v * lanes : ...] += the sum over the pixels (y, q) of
-// x[n, y + i - pad_h, q + j - pad_w, c0 + cb] * g[n, y, q, o0 + v * lanes : ...], for one tap
+// x[n, s y + i - pad_h, s q + j - pad_w, c0 + cb] * g[n, y, q, o0 + v * lanes : ...], one tap
 // (i, j) and one image n: CB x OV vectors of accumulators in registers (GCC/Clang vector
 // extensions, lowered to the machine's SIMD), PU copies of them over interleaved pixels where
 // CB x OV alone are too few to hide the latency of the multiply-adds.
@@ -39,16 +46,17 @@ void TapBlock(const T* x, const T* g, const Shape& s, int64_t n, int64_t i,
   typedef T V __attribute__((vector_size(64)));
   constexpr int64_t L = 64 / sizeof(T);
   constexpr int PU = CB * OV >= 8 ? 1 : (CB * OV >= 4 ? 2 : 4);
-  const int64_t q_lo = std::max<int64_t>(0, s.pad_w - j);
-  const int64_t q_hi = std::min<int64_t>(s.wo, s.w + s.pad_w - j);
+  const int64_t ps = s.stride * s.c;  // x's step from one output pixel to the next
+  int64_t q_lo, q_hi;
+  Columns(s, j, &q_lo, &q_hi);
   V acc[PU][CB][OV];
   for (int u = 0; u < PU; ++u)
     for (int cb = 0; cb < CB; ++cb)
       for (int v = 0; v < OV; ++v) acc[u][cb][v] = V{};
   for (int64_t y = 0; y < s.ho; ++y) {
-    const int64_t yi = y + i - s.pad_h;
+    const int64_t yi = y * s.stride + i - s.pad_h;
     if (yi < 0 || yi >= s.h || q_lo >= q_hi) continue;
-    const T* xr = x + ((n * s.h + yi) * s.w + q_lo + j - s.pad_w) * s.c + c0;
+    const T* xr = x + ((n * s.h + yi) * s.w + q_lo * s.stride + j - s.pad_w) * s.c + c0;
     const T* gr = g + ((n * s.ho + y) * s.wo + q_lo) * s.o + o0;
     const int64_t count = q_hi - q_lo;
     int64_t q = 0;
@@ -57,7 +65,7 @@ void TapBlock(const T* x, const T* g, const Shape& s, int64_t n, int64_t i,
         V gv[OV];
         for (int v = 0; v < OV; ++v) std::memcpy(&gv[v], gr + (q + u) * s.o + v * L, sizeof(V));
         for (int cb = 0; cb < CB; ++cb) {
-          const T xs = xr[(q + u) * s.c + cb];
+          const T xs = xr[(q + u) * ps + cb];
           for (int v = 0; v < OV; ++v) acc[u][cb][v] += xs * gv[v];
         }
       }
@@ -65,7 +73,7 @@ void TapBlock(const T* x, const T* g, const Shape& s, int64_t n, int64_t i,
       V gv[OV];
       for (int v = 0; v < OV; ++v) std::memcpy(&gv[v], gr + q * s.o + v * L, sizeof(V));
       for (int cb = 0; cb < CB; ++cb) {
-        const T xs = xr[q * s.c + cb];
+        const T xs = xr[q * ps + cb];
         for (int v = 0; v < OV; ++v) acc[0][cb][v] += xs * gv[v];
       }
     }
@@ -128,13 +136,13 @@ void Image(const T* x, const T* g, const Shape& s, int64_t n, T* partial) {
           break;
       }
       if (o_full == s.o) continue;
-      const int64_t q_lo = std::max<int64_t>(0, s.pad_w - j);
-      const int64_t q_hi = std::min<int64_t>(s.wo, s.w + s.pad_w - j);
+      int64_t q_lo, q_hi;
+      Columns(s, j, &q_lo, &q_hi);
       for (int64_t y = 0; y < s.ho; ++y) {
-        const int64_t yi = y + i - s.pad_h;
+        const int64_t yi = y * s.stride + i - s.pad_h;
         if (yi < 0 || yi >= s.h) continue;
         for (int64_t q = q_lo; q < q_hi; ++q) {
-          const T* xv = x + ((n * s.h + yi) * s.w + q + j - s.pad_w) * s.c;
+          const T* xv = x + ((n * s.h + yi) * s.w + q * s.stride + j - s.pad_w) * s.c;
           const T* gv = g + ((n * s.ho + y) * s.wo + q) * s.o;
           for (int64_t c = 0; c < s.c; ++c)
             for (int64_t o = o_full; o < s.o; ++o) out[c * s.o + o] += xv[c] * gv[o];
@@ -160,14 +168,15 @@ void KernelGrad(const T* xin, const T* g, const Shape& s, ffi::ThreadPool& pool,
 
 template <ffi::DataType DT>
 ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g,
-                   ffi::ResultBuffer<DT> dw, int64_t pad_h, int64_t pad_w) {
+                   ffi::ResultBuffer<DT> dw, int64_t pad_h, int64_t pad_w, int64_t stride) {
   auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
   // Reads stay inside x and g whatever the padding after the image (it only sets Ho, Wo).
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || xd[0] != gd[0] ||
-      wd[2] != xd[3] || wd[3] != gd[3] || pad_h < 0 || pad_w < 0) {
+      wd[2] != xd[3] || wd[3] != gd[3] || pad_h < 0 || pad_w < 0 || stride < 1) {
     return ffi::Error::InvalidArgument("anodev2 kernel_grad: inconsistent shapes");
   }
-  const Shape s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], wd[0], wd[1], pad_h, pad_w};
+  const Shape s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], wd[0], wd[1],
+                pad_h, pad_w, stride};
   KernelGrad(x.typed_data(), g.typed_data(), s, pool, dw->typed_data());
   return ffi::Error::Success();
 }
@@ -182,7 +191,8 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g,
                                     .Arg<ffi::Buffer<DT>>() \
                                     .Ret<ffi::Buffer<DT>>() \
                                     .Attr<int64_t>("pad_h") \
-                                    .Attr<int64_t>("pad_w"));
+                                    .Attr<int64_t>("pad_w") \
+                                    .Attr<int64_t>("stride"));
 
 ANODEV2_KERNEL_GRAD(Anodev2KernelGradF32, ffi::F32)
 ANODEV2_KERNEL_GRAD(Anodev2KernelGradF64, ffi::F64)
