@@ -8,8 +8,9 @@ config from ``configs/<model>.py``, batch 128, random uint8 images augmented and
 inside the step as in training) and times ``--steps`` steps after ``--warmup``; img/s is from
 the median step. With ``--torch_python``, ``torch_ref.py bench`` runs the same model right
 after, in a subprocess under the GLIBC_TUNABLES its README recommends, and the row gets the
-ratio JAX ÷ torch. Achieved GFLOP/s (XLA's ``cost_analysis`` FLOPs of the step; torch's
-FlopCounter count) are given as a share of the fp32 matmul peak measured in the same run.
+ratio JAX ÷ torch. Achieved GFLOP/s (XLA's ``cost_analysis`` FLOPs of the step compiled
+with XLA's convolution, which it can count; torch's FlopCounter count) are given as a share
+of the fp32 matmul peak measured in the same run.
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ def measure(model: str, variant: str, args: argparse.Namespace) -> list[dict[str
             torch_rounds.append(torch_round(model, variant, args))
             log(f"torch {model} {variant}", torch_rounds[-1])
     torch = best_of(torch_rounds) if torch_rounds else None
+    # XLA's cost analysis does not see inside the C++ kernels' FFI calls (conv_impl cpu):
+    # count the same step compiled with XLA's own convolution.
+    counted = steps.get("xla") or common.CompiledStep(
+        common.load_config(model, variant, args.batch_size, "xla")
+    )
     rows = []
     for conv_impl, step in steps.items():
         timing = best_of(jax_rounds[conv_impl])
@@ -131,9 +137,9 @@ def measure(model: str, variant: str, args: argparse.Namespace) -> list[dict[str
             "compile_s": step.compile_s,
             **timing,
             "img_per_s": args.batch_size / median,
-            "flops_per_step": step.flops,
-            "mflop_per_img": step.flops / args.batch_size / 1e6,
-            "gflops": step.flops / median / 1e9,
+            "flops_per_step": counted.flops,
+            "mflop_per_img": counted.flops / args.batch_size / 1e6,
+            "gflops": counted.flops / median / 1e9,
         }
         rows.append({"jax": jax_result, "torch": torch})
     return rows
@@ -352,10 +358,12 @@ def report(env: dict, peaks: list[dict], rows: list[dict], args: argparse.Namesp
         "img/s: from the median step of the round with the fastest median (JAX and torch "
         "alternate, so both see the same load); '÷ (fastest steps)': the same ratio from each "
         "side's single fastest step, less sensitive to other load. JAX compile s: trace + "
-        "lower + compile. FLOP ratio: XLA's count ÷ torch's FlopCounter count (both include "
-        "the checkpoint's recomputation). Spread: that median ÷ the fastest step; well above "
-        "1, other processes slowed the row. Load: the 1-minute load average when that round "
-        "started (2 cores: above 2, the benchmark shares them with other processes).\n\n"
+        "lower + compile. JAX MFLOP: XLA's count of the step with conv_impl xla (the same "
+        "arithmetic; XLA cannot count inside the C++ kernels of cpu). FLOP ratio: that ÷ "
+        "torch's FlopCounter count (both include the checkpoint's recomputation). Spread: "
+        "that median ÷ the fastest step; well above 1, other processes slowed the row. "
+        "Load: the 1-minute load average when that round started (2 cores: above 2, the "
+        "benchmark shares them with other processes).\n\n"
         + common.markdown_table(
             [
                 "model",
