@@ -13,7 +13,7 @@ formulation; the choices are:
   use by :mod:`anodev2_jax.native`) that splits the output rows between the call's thread
   and XLA's pool and accumulates tiles of pixels × output vectors in registers. XLA:CPU
   gives convolutions with more than 16 channels to YNNPACK on one thread and 16-channel ones
-  to Eigen, both slower on 2 cores (BENCHMARKS.md §9).
+  to Eigen, both slower on 2 cores (BENCHMARKS.md §1).
 - their kernel gradient, from one vector of outputs: a C++ kernel (``csrc/kernel_grad.cc``)
   that accumulates tiles of input channels × output vectors in registers over each image's
   pixels, tap by tap, on the call's thread and XLA's pool.

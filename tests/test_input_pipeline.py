@@ -10,7 +10,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import tree_allclose
+from conftest import tree_allclose, tree_relative_error
 from test_training import restore, tiny_config
 
 from anodev2_jax import input_pipeline, training
@@ -135,14 +135,20 @@ def test_the_nan_guard_names_the_step_inside_a_dispatch(tmp_path):
 
 
 def test_a_seeds_run_on_the_device_pipeline_equals_the_host_pipeline(tmp_path):
+    """To float32 rounding, not bit for bit: with the two seeds' steps in one program inside
+    the device pipeline's loop, XLA:CPU sums some of the seeds' BatchNorm and loss terms in
+    another order (1e-5 apart after 6 steps, measured)."""
     seeds = dict(num_seeds=2, seed_batching="loop", num_epochs=1)
     runs = {}
     for name, pipeline in (("host", {}), ("device", dict(input_pipeline="device"))):
         training.train_and_evaluate(config(**seeds, **pipeline), tmp_path / name)
         runs[name] = restore(tmp_path / name, config(**seeds))
     assert runs["device"].step.shape == (2,)
-    assert tree_allclose(runs["device"], runs["host"], rtol=0)
-    assert train_records(tmp_path / "device") == train_records(tmp_path / "host")
+    assert tree_relative_error(runs["device"], runs["host"]) <= 1e-4
+    device, host = train_records(tmp_path / "device"), train_records(tmp_path / "host")
+    assert [(r["step"], r["seed"]) for r in device] == [(r["step"], r["seed"]) for r in host]
+    for d, h in zip(device, host, strict=True):
+        np.testing.assert_allclose(d["loss"], h["loss"], rtol=1e-4)
 
 
 @pytest.mark.parametrize(
