@@ -10,7 +10,7 @@ the run, at every weight step of the trained block, with the learned d, v, ρ in
 over seeds as a line and the min–max band, one colour per variant (anodev2_jax/figures.py).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from anodev2_jax import figures
 
@@ -33,6 +33,8 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # orbax logs every checkpoint it opens at INFO
+        logging.set_verbosity(logging.WARNING)
     if FLAGS.figure == "accuracy":
         curves = figures.accuracy_curves(FLAGS.workdir)
         out = figures.save_figure(figures.plot_accuracy_curves(curves), FLAGS.out)

@@ -359,9 +359,10 @@ def state_step(state: TrainState) -> int:
 
 # -- checkpoints -----------------------------------------------------------------------------------
 def checkpoint_manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
-    """An orbax manager of TrainState checkpoints in ``directory`` (synchronous saves)."""
+    """An orbax manager of TrainState checkpoints in ``directory`` (synchronous saves; a
+    relative path is taken from the working directory, orbax wants absolute ones)."""
     return ocp.CheckpointManager(
-        directory,
+        Path(directory).absolute(),
         item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, **options),
     )

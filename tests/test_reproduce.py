@@ -234,15 +234,16 @@ def test_figure_of_the_second_seed_of_a_conf1_cell(harness, tmp_path):
 
 
 def test_figures_command_writes_the_png(harness, tmp_path):
+    """From a workdir relative to the working directory, as the README's command gives it."""
     out = tmp_path / "docs" / "figure4.png"
     command = [
         sys.executable,
-        "figures.py",
-        f"--workdir={harness[0] / 'resnet4-anodev2_conf1'}",
+        str(ROOT / "figures.py"),
+        "--workdir=resnet4-anodev2_conf1",
         f"--out={out}",
         "--seed_index=1",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=harness[0], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.stat().st_size > 5000 and "learned d = " in result.stdout
 
