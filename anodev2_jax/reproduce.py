@@ -491,7 +491,7 @@ def results_markdown(report: dict) -> str:
         "## Per seed",
         "",
         "| model | variant | seed | eval mode | batch statistics | best epoch's, eval mode | "
-        "cell wall time |",
+        "cell wall time (since its last resumption) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in finished:

@@ -548,8 +548,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     of {"seed", "final_test_accuracy", "final_test_loss", "best_test_accuracy" and, with
     ``config.eval_batch_statistics``, "final_test_accuracy_batch_statistics"}), their min,
     max and mean over seeds (``summary``), and ``seeds``, ``num_params`` (of one seed),
-    ``steps``, ``wall_time_sec``, ``data_source``, ``devices``, ``processes`` and ``config``.
-    A single-seed run also has its seed's numbers at the top level.
+    ``steps``, ``wall_time_sec`` (of this call: a resumed run's from its resumption),
+    ``data_source``, ``devices``, ``processes`` and ``config``. A single-seed run also has
+    its seed's numbers at the top level.
 
     A SIGTERM or SIGINT saves a checkpoint and exits (SystemExit) at the end of the running
     dispatch (:mod:`anodev2_jax.input_pipeline`): after the current step with the host
