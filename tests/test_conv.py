@@ -70,6 +70,8 @@ def test_value_and_gradients_equal_xla_float64(case, impl):
     [
         ("cpu_paired", "12 channels SAME (cpu_paired pairs, conv dw)"),
         ("cpu", "stride 2 padding 1 odd width (phases, taps)"),
+        ("cpu", "20 -> 32 5x5 (native conv and dx)"),
+        ("cpu", "stride 2 odd size to 16 (native conv and dw)"),
     ],
 )
 def test_value_and_gradients_equal_xla_float32(impl, name):
@@ -136,6 +138,19 @@ def test_auto_is_the_cpu_formulation_on_cpu():
     }
     assert jaxprs["auto"] == jaxprs["cpu"] != jaxprs["cpu_paired"]
     assert "custom_vjp_call" in jaxprs["cpu"] and "custom_vjp_call" not in jaxprs["xla"]
+
+
+def test_the_cpu_kernels_stay_off_other_backends(monkeypatch):
+    """On a GPU or TPU (default_backend not "cpu") even impl="cpu" calls no C++ kernel."""
+    x, kernel, g = _operands(CASES["20 -> 32 5x5 (native conv and dx)"], jnp.float32)
+    case = CASES["20 -> 32 5x5 (native conv and dx)"]
+
+    def jaxpr():
+        return str(jax.make_jaxpr(_value_and_vjp(case, "cpu"))(x, kernel, g))
+
+    assert "ffi_call" in jaxpr()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "ffi_call" not in jaxpr()
 
 
 @pytest.mark.parametrize(
