@@ -55,7 +55,9 @@ def kernel_grad(
     out = jax.ShapeDtypeStruct((kh, kw, x.shape[3], g.shape[3]), x.dtype)
     target = f"anodev2_kernel_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-    return call(x, g, pad_h=np.int64(pads[0]), pad_w=np.int64(pads[1]), stride=np.int64(stride))
+    return call(
+        x, g, pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]), stride=np.int64(stride)
+    )
 
 
 def conv_forward(

@@ -1,4 +1,5 @@
-// Work split between the calling thread and XLA's intra-op pool, shared by the kernels here.
+// What the kernels here share: the work split between the calling thread and XLA's intra-op
+// pool, and the binding of their FFI handlers.
 #pragma once
 
 #include <algorithm>
@@ -36,3 +37,16 @@ void RunChunks(xla::ffi::ThreadPool& pool, int64_t count, Fn fn) {
 }
 
 }  // namespace anodev2
+
+// Defines the FFI symbol `name` for Handler<DT>(pool, a, b, result, pad_top, pad_left,
+// stride): two operands and one result of element type DT, three int64 attributes.
+#define ANODEV2_DEFINE_HANDLER(name, DT)                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Handler<DT>,                          \
+                                xla::ffi::Ffi::Bind()                       \
+                                    .Ctx<xla::ffi::ThreadPool>()            \
+                                    .Arg<xla::ffi::Buffer<DT>>()            \
+                                    .Arg<xla::ffi::Buffer<DT>>()            \
+                                    .Ret<xla::ffi::Buffer<DT>>()            \
+                                    .Attr<int64_t>("pad_top")               \
+                                    .Attr<int64_t>("pad_left")              \
+                                    .Attr<int64_t>("stride"));

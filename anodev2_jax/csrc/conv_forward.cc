@@ -165,16 +165,5 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
 
 }  // namespace
 
-#define ANODEV2_CONV_FORWARD(name, DT)                      \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Handler<DT>,          \
-                                ffi::Ffi::Bind()            \
-                                    .Ctx<ffi::ThreadPool>() \
-                                    .Arg<ffi::Buffer<DT>>() \
-                                    .Arg<ffi::Buffer<DT>>() \
-                                    .Ret<ffi::Buffer<DT>>() \
-                                    .Attr<int64_t>("pad_top") \
-                                    .Attr<int64_t>("pad_left") \
-                                    .Attr<int64_t>("stride"));
-
-ANODEV2_CONV_FORWARD(Anodev2ConvForwardF32, ffi::F32)
-ANODEV2_CONV_FORWARD(Anodev2ConvForwardF64, ffi::F64)
+ANODEV2_DEFINE_HANDLER(Anodev2ConvForwardF32, ffi::F32)
+ANODEV2_DEFINE_HANDLER(Anodev2ConvForwardF64, ffi::F64)

@@ -183,16 +183,5 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g,
 
 }  // namespace
 
-#define ANODEV2_KERNEL_GRAD(name, DT)                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Handler<DT>,     \
-                                ffi::Ffi::Bind()       \
-                                    .Ctx<ffi::ThreadPool>() \
-                                    .Arg<ffi::Buffer<DT>>() \
-                                    .Arg<ffi::Buffer<DT>>() \
-                                    .Ret<ffi::Buffer<DT>>() \
-                                    .Attr<int64_t>("pad_h") \
-                                    .Attr<int64_t>("pad_w") \
-                                    .Attr<int64_t>("stride"));
-
-ANODEV2_KERNEL_GRAD(Anodev2KernelGradF32, ffi::F32)
-ANODEV2_KERNEL_GRAD(Anodev2KernelGradF64, ffi::F64)
+ANODEV2_DEFINE_HANDLER(Anodev2KernelGradF32, ffi::F32)
+ANODEV2_DEFINE_HANDLER(Anodev2KernelGradF64, ffi::F64)
