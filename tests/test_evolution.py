@@ -82,7 +82,7 @@ def test_unit_advection_is_a_periodic_roll(shape):
 def test_pure_reaction_scales_by_exp_rho_delta():
     w = random_kernel()
     out = IDENTITY.step(w, 0.0, 0.35, rda_params(diffusion=0, vx=0.0, vy=0.0, rho=-1.3))
-    np.testing.assert_allclose(out, w * np.exp(-1.3 * 0.35), rtol=1e-13)
+    np.testing.assert_allclose(out, w * np.exp(-1.3 * 0.35), rtol=1e-13, atol=1e-14)
 
 
 def test_paper_step_applies_tanh_to_the_linear_solution():
@@ -96,6 +96,36 @@ def test_rda_gradients_wrt_kernel_and_parameters():
     w = random_kernel((3, 3, 1, 2))
     p = rda_params()
     check_grads(lambda w, p: RDA().step(w, 0.0, 0.4, p), (w, p), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("shape", [(5, 5, 2, 3), (3, 4, 2, 3), (1, 1, 2, 3)])
+def test_rda_matrix_transform_equals_the_fft(shape, per_channel):
+    """transform="matrix" (the default up to 64 taps) is jnp.fft's DFT: values, and gradients
+    with respect to the kernel and the parameters."""
+    w = random_kernel(shape)
+    p = {k: v + 0.1 * jnp.arange(shape[3]) for k, v in rda_params().items()}
+    if not per_channel:
+        p = rda_params()
+    by = {t: RDA(per_channel=per_channel, transform=t) for t in ("fft", "matrix", "auto")}
+    outs = {t: evo.step(w, 0.0, 0.7, p) for t, evo in by.items()}
+    fields = {t: evo.vector_field(0.0, w, p) for t, evo in by.items()}
+    for t in ("matrix", "auto"):
+        np.testing.assert_allclose(outs[t], outs["fft"], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(fields[t], fields["fft"], rtol=0, atol=1e-13)
+
+    def loss(evo):
+        return jax.grad(lambda w, p: jnp.sum(jnp.sin(evo.step(w, 0.0, 0.7, p))), (0, 1))(w, p)
+
+    assert tree_allclose(loss(by["matrix"]), loss(by["fft"]), rtol=1e-12, atol=1e-13)
+
+
+def test_rda_auto_transform_uses_the_fft_for_large_kernels():
+    w = random_kernel((9, 9, 1, 2))
+    jaxpr = str(jax.make_jaxpr(lambda w: RDA().step(w, 0.0, 0.5, rda_params()))(w))
+    assert "fft" in jaxpr
+    small = str(jax.make_jaxpr(lambda w: RDA().step(w, 0.0, 0.5, rda_params()))(w[:8, :8]))
+    assert "fft" not in small
 
 
 def test_per_channel_parameters_act_on_their_output_channel():
@@ -197,6 +227,7 @@ def test_float32_stays_float32(evo):
         ),
         (RDA(per_channel=True), jnp.ones((3, 3, 2, 4)), rda_params(), "expected \\(4,\\)"),
         (RDA(activation="relu"), jnp.ones((3, 3, 2, 2)), rda_params(), "activation='relu'"),
+        (RDA(transform="dft"), jnp.ones((3, 3, 2, 2)), rda_params(), "transform='dft'"),
         (RDA(scheme="rk3"), jnp.ones((3, 3, 2, 2)), rda_params(), "scheme='rk3'"),
         (MLP(scheme="exact"), jnp.ones((3, 3, 2, 2)), None, "no closed-form step"),
         (Linear(), {"a": jnp.ones((3, 3, 1, 1))}, {"b": None}, "one entry per kernel"),
