@@ -25,6 +25,7 @@ CASES = {
     "stride 3": (9, 9, 2, 3, 3, 3, 1),
     "32 channels, 16-wide tiles and a 5-column rest (native dw)": (5, 6, 37, 21, 3, 1, 1),
     "20 -> 32 5x5 (native conv and dx)": (6, 7, 20, 32, 5, 1, 2),
+    "16 -> 32 5x5 odd size (Winograd conv and dx)": (7, 5, 16, 32, 5, 1, 2),
     "VALID 16 outputs (native conv, no padding)": (6, 7, 10, 16, 3, 1, "VALID"),
     "stride 2 to 8 channels (native dx: 4 phases x 4 channels)": (8, 7, 4, 8, 3, 2, 1),
     "stride 2 odd size to 16 (native conv and dw)": (9, 7, 5, 16, 3, 2, 1),
@@ -71,6 +72,7 @@ def test_value_and_gradients_equal_xla_float64(case, impl):
         ("cpu_paired", "12 channels SAME (cpu_paired pairs, conv dw)"),
         ("cpu", "stride 2 padding 1 odd width (phases, taps)"),
         ("cpu", "20 -> 32 5x5 (native conv and dx)"),
+        ("cpu", "16 -> 32 5x5 odd size (Winograd conv and dx)"),
         ("cpu", "stride 2 odd size to 16 (native conv and dw)"),
     ],
 )
@@ -98,6 +100,7 @@ def test_gradients_match_finite_differences(name):
         "stride 2 padding 1 odd width (phases, taps)",
         "5x5 padding 2",
         "20 -> 32 5x5 (native conv and dx)",
+        "16 -> 32 5x5 odd size (Winograd conv and dx)",
         "stride 2 odd size to 16 (native conv and dw)",
     ],
 )
@@ -217,6 +220,35 @@ def test_native_kernel_grad_equals_xla(shape, pads, stride):
         )
         assert got.dtype == dtype
         assert tree_relative_error(got, expected) <= tolerance
+
+
+WINOGRAD_CASES = [  # (N, H, W, Cin, Cout), ((top, bottom), (left, right))
+    ((2, 16, 16, 64, 64), ((2, 2), (2, 2))),  # AlexNet's block
+    ((3, 9, 7, 32, 48), ((2, 2), (2, 2))),  # odd sizes: half tiles; 3 vectors of outputs
+    ((2, 11, 13, 16, 16), ((0, 1), (3, 0))),  # one-sided padding, 1 vector
+    ((1, 6, 6, 16, 112), ((4, 4), (1, 2))),  # padding beyond the kernel; 4 + 3 vectors
+    ((30, 2, 1, 16, 16), ((2, 2), (2, 2))),  # 30 tiles: blocks of 24 and a padded rest
+]
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's conv")
+@pytest.mark.parametrize("shape, pads", WINOGRAD_CASES)
+def test_native_winograd_conv_and_kernel_grad_equal_xla(shape, pads):
+    n, h, w, cin, cout = shape
+    rng = np.random.default_rng(0)
+    for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
+        x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
+        kernel = jnp.asarray(rng.standard_normal((5, 5, cin, cout)) / np.sqrt(25 * cin), dtype)
+        expected = conv_lib._conv_xla(x, kernel, 1, pads)
+        got = jax.jit(native.winograd, static_argnums=2)(x, kernel, pads)
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert tree_relative_error(got, expected) <= tolerance
+        g = jnp.asarray(rng.standard_normal(expected.shape), dtype)
+        expected_dw = conv_lib.kernel_grad(x, g, kernel.shape, 1, pads)
+        before = (pads[0][0], pads[1][0])
+        got_dw = jax.jit(native.winograd_kernel_grad, static_argnums=2)(x, g, before)
+        assert got_dw.dtype == dtype
+        assert tree_relative_error(got_dw, expected_dw) <= tolerance
 
 
 def test_without_a_compiler_conv2d_warns_once_and_uses_xla(monkeypatch):

@@ -38,10 +38,10 @@ void RunChunks(xla::ffi::ThreadPool& pool, int64_t count, Fn fn) {
 
 }  // namespace anodev2
 
-// Defines the FFI symbol `name` for Handler<DT>(pool, a, b, result, pad_top, pad_left,
-// stride): two operands and one result of element type DT, three int64 attributes.
-#define ANODEV2_DEFINE_HANDLER(name, DT)                                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Handler<DT>,                          \
+// Defines the FFI symbol `name` for handler(pool, a, b, result, pad_top, pad_left, stride):
+// two operands and one result of element type DT, three int64 attributes.
+#define ANODEV2_DEFINE_HANDLER(name, handler, DT)                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, handler<DT>,                          \
                                 xla::ffi::Ffi::Bind()                       \
                                     .Ctx<xla::ffi::ThreadPool>()            \
                                     .Arg<xla::ffi::Buffer<DT>>()            \

@@ -165,5 +165,5 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
 
 }  // namespace
 
-ANODEV2_DEFINE_HANDLER(Anodev2ConvForwardF32, ffi::F32)
-ANODEV2_DEFINE_HANDLER(Anodev2ConvForwardF64, ffi::F64)
+ANODEV2_DEFINE_HANDLER(Anodev2ConvForwardF32, Handler, ffi::F32)
+ANODEV2_DEFINE_HANDLER(Anodev2ConvForwardF64, Handler, ffi::F64)

@@ -183,5 +183,5 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g,
 
 }  // namespace
 
-ANODEV2_DEFINE_HANDLER(Anodev2KernelGradF32, ffi::F32)
-ANODEV2_DEFINE_HANDLER(Anodev2KernelGradF64, ffi::F64)
+ANODEV2_DEFINE_HANDLER(Anodev2KernelGradF32, Handler, ffi::F32)
+ANODEV2_DEFINE_HANDLER(Anodev2KernelGradF64, Handler, ffi::F64)
