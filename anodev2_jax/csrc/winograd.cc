@@ -26,7 +26,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kPoints = 6, kOut = 2, kTaps = 5;
-constexpr int kTiles = 24;  // tiles per block: PX x OV = 24 accumulators for OV = 1..4
+constexpr int kTiles = 24;  // tiles per block: a multiple of PX = 24 / OV for OV = 1..4
 constexpr double kBT[kPoints][kPoints] = {
     {4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
@@ -138,7 +138,7 @@ inline void Product(const T* v, const T* u, const Shape& s, int64_t o0, T* m) {
 
 template <typename T, int OV>
 void Products(const T* v, const T* u, const Shape& s, int64_t o0, T* m) {
-  constexpr int PX = kTiles / OV;
+  constexpr int PX = 24 / OV;  // accumulators that fit the 32 vector registers
   for (int64_t t = 0; t < kTiles; t += PX)
     Product<T, PX, OV>(v + t * s.c, u, s, o0, m + t * s.o);
 }
@@ -232,7 +232,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
   std::vector<T> u(kPoints * kPoints * s.c * s.o);
   TransformKernel(w.typed_data(), s, u.data());
   const int64_t blocks = (s.n * s.th * s.tw + kTiles - 1) / kTiles;
-  const int64_t chunks = std::min<int64_t>(blocks, 64);
+  const int64_t chunks = std::min<int64_t>(blocks, 16);
   const T* xp = x.typed_data();
   const T* up = u.data();
   T* yp = y->typed_data();
