@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 from anodev2_jax import conv as conv_lib
 from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import evolution as evolution_lib
+from anodev2_jax import native
 from anodev2_jax import normalization as norm_lib
 from anodev2_jax import solve as solve_lib
 from anodev2_jax.conv import conv2d
@@ -143,17 +145,82 @@ def variant_config(variant: str) -> ODEConfig | None:
 
 
 # -- pooling ---------------------------------------------------------------------------------------
-def max_pool(x: Array, size: int) -> Array:
+def max_pool(x: Array, size: int, impl: str = "xla") -> Array:
     """Max over non-overlapping size × size windows: (N, H, W, C) -> (N, H/size, W/size, C).
 
     A reshape and a max, not ``flax.linen.max_pool``: XLA:CPU runs the gradient of the latter
     (select-and-scatter) 3-15x slower. At exact ties the gradient is split among the tied
-    elements rather than given to one.
+    elements rather than given to one. ``impl``: a conv impl (:data:`conv_lib.IMPLS`); with
+    "cpu", "cpu_paired" or "auto" on the CPU the gradient is one pass of a C++ kernel
+    (``csrc/max_pool.cc``), equal to XLA's (which makes several passes).
     """
-    n, h, w, c = x.shape
+    h, w = x.shape[1:3]
     if h % size or w % size:
         raise ValueError(f"max_pool window {size} does not divide the input's {h}x{w}")
+    if impl == "auto":
+        impl = "cpu" if jax.default_backend() == "cpu" else "xla"
+    native_applies = x.dtype in (jnp.float32, jnp.float64) and jax.default_backend() == "cpu"
+    if impl != "xla" and native_applies and native.available():
+        return _max_pool_native(x, size)
+    return _window_max(x, size)
+
+
+def _window_max(x: Array, size: int) -> Array:
+    n, h, w, c = x.shape
     return x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
+
+
+def _window_sum(x: Array, size: int) -> Array:
+    n, h, w, c = x.shape
+    return x.reshape(n, h // size, size, w // size, size, c).sum(axis=(2, 4))
+
+
+def _upsample(y: Array, size: int) -> Array:
+    """(N, Ho, Wo, C) -> (N, Ho·size, Wo·size, C), each value repeated over its window."""
+    return jnp.repeat(jnp.repeat(y, size, axis=1), size, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_native(x: Array, size: int) -> Array:
+    return _window_max(x, size)
+
+
+def _max_pool_native_fwd(x: Array, size: int) -> tuple[Array, tuple[Array, Array]]:
+    y = _window_max(x, size)
+    return y, (x, y)
+
+
+def _max_pool_native_bwd(size: int, residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
+    x, y = residuals
+    return (_max_pool_grad(x, y, g, size),)
+
+
+_max_pool_native.defvjp(_max_pool_native_fwd, _max_pool_native_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _max_pool_grad(x: Array, y: Array, g: Array, size: int) -> Array:
+    """The max pool's dx by the C++ kernel; differentiable (reverse mode): linear in g, and
+    piecewise constant in x and y (as XLA's reduce-max derivative)."""
+    return native.max_pool_grad(x, y, g, size)
+
+
+def _max_pool_grad_fwd(
+    x: Array, y: Array, g: Array, size: int
+) -> tuple[Array, tuple[Array, Array]]:
+    return native.max_pool_grad(x, y, g, size), (x, y)
+
+
+def _max_pool_grad_bwd(
+    size: int, residuals: tuple[Array, Array], cotangent: Array
+) -> tuple[Array, Array, Array]:
+    x, y = residuals
+    mask = (x == _upsample(y, size)).astype(x.dtype)
+    dg = _window_sum(mask * cotangent, size) / _window_sum(mask, size)
+    return jnp.zeros_like(x), jnp.zeros_like(y), dg
+
+
+_max_pool_grad.defvjp(_max_pool_grad_fwd, _max_pool_grad_bwd)
 
 
 # -- the blocks' vector fields f(z, θ, args) -> (dz/dt, moments) -----------------------------------
@@ -459,9 +526,9 @@ class AlexNet(_CifarModel):
         """x: (B, 32, 32, 3) normalized images -> (B, 10) logits."""
         x = _check_images(x, self.dtype)
         x = ConvBN(64, 5, padding=2, use_bias=True, name="conv1", **self._common())(x, train)
-        x = max_pool(x, 2)
+        x = max_pool(x, 2, self.conv_impl)
         x = ODEBlock(64, "alexnet", self.ode, name="conv2", **self._common())(x, train)
-        x = max_pool(x, 2).reshape(x.shape[0], -1)
+        x = max_pool(x, 2, self.conv_impl).reshape(x.shape[0], -1)
         x = jax.nn.relu(self._dense(384, "fc1")(x))
         x = jax.nn.relu(self._dense(192, "fc2")(x))
         return self._dense(NUM_CLASSES, "fc3")(x)
@@ -477,7 +544,7 @@ class ResNet4(_CifarModel):
         x = _check_images(x, self.dtype)
         x = ConvBN(16, 3, padding=1, name="conv1", **self._common())(x, train)
         x = ODEBlock(16, "resnet", self.ode, name="layer1_1", **self._common())(x, train)
-        x = max_pool(x, 8).reshape(x.shape[0], -1)
+        x = max_pool(x, 8, self.conv_impl).reshape(x.shape[0], -1)
         return self._dense(NUM_CLASSES, "fc")(x)
 
 
@@ -495,7 +562,7 @@ class ResNet10(_CifarModel):
         x = ODEBlock(16, "resnet", self.ode, name="layer1_2", **self._common())(x, train)
         x = DownBlock(32, name="layer2_1", **self._common())(x, train)
         x = ODEBlock(32, "resnet", self.ode, name="layer2_2", **self._common())(x, train)
-        x = max_pool(x, 8).reshape(x.shape[0], -1)
+        x = max_pool(x, 8, self.conv_impl).reshape(x.shape[0], -1)
         return self._dense(NUM_CLASSES, "fc")(x)
 
 

@@ -1,6 +1,7 @@
 """C++ convolution kernels for the CPU, as XLA FFI calls: the convolution
 (``csrc/conv_forward.cc``), the 5×5 stride-1 one by Winograd's F(2×2, 5×5)
-(``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``).
+(``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``); and the gradient of
+the max pool (``csrc/max_pool.cc``).
 
 Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) against the
 FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACHE`` (default
@@ -28,7 +29,9 @@ import jaxlib
 import numpy as np
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "kernel_grad.cc", CSRC / "conv_forward.cc", CSRC / "winograd.cc")
+SOURCES = tuple(
+    CSRC / f"{name}.cc" for name in ("kernel_grad", "conv_forward", "winograd", "max_pool")
+)
 HEADERS = (CSRC / "chunks.h",)
 _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_kernel_grad_f32": "Anodev2KernelGradF32",
@@ -39,6 +42,8 @@ _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_winograd_f64": "Anodev2WinogradF64",
     "anodev2_winograd_kernel_grad_f32": "Anodev2WinogradKernelGradF32",
     "anodev2_winograd_kernel_grad_f64": "Anodev2WinogradKernelGradF64",
+    "anodev2_max_pool_grad_f32": "Anodev2MaxPoolGradF32",
+    "anodev2_max_pool_grad_f64": "Anodev2MaxPoolGradF64",
 }
 _SUFFIX = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.float64): "f64"}
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
@@ -120,6 +125,18 @@ def winograd_kernel_grad(x: jax.Array, g: jax.Array, pads: tuple[int, int]) -> j
     target = f"anodev2_winograd_kernel_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(x, g, pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]), stride=np.int64(1))
+
+
+def max_pool_grad(x: jax.Array, y: jax.Array, g: jax.Array, size: int) -> jax.Array:
+    """dx (N, H, W, C) of y = the max of x (N, H, W, C) over non-overlapping size × size
+    windows, from y and g = dL/dy (N, H/size, W/size, C); tied maxima share the gradient
+    equally. Requires :func:`available`, float32 or float64; CPU only. No autodiff of its own.
+    """
+    target = f"anodev2_max_pool_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
+    call = jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential"
+    )
+    return call(x, y, g, size=np.int64(size))
 
 
 _available: bool | None = None  # None: not tried yet
