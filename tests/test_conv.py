@@ -251,6 +251,21 @@ def test_native_winograd_conv_and_kernel_grad_equal_xla(shape, pads):
         assert tree_relative_error(got_dw, expected_dw) <= tolerance
 
 
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's conv")
+def test_native_winograd_float32_at_alexnets_full_size():
+    """float32 rounding stays within 1e-5 over a whole batch of AlexNet's block (the kernel
+    gradient sums 8192 tiles)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(np.maximum(rng.standard_normal((128, 16, 16, 64)), 0), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((128, 16, 16, 64)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((5, 5, 64, 64)) / 40, jnp.float32)
+    pads = ((2, 2), (2, 2))
+    y = jax.jit(native.winograd, static_argnums=2)(x, kernel, pads)
+    assert tree_relative_error(y, conv_lib._conv_xla(x, kernel, 1, pads)) <= 1e-5
+    dw = jax.jit(native.winograd_kernel_grad, static_argnums=2)(x, g, (2, 2))
+    assert tree_relative_error(dw, conv_lib.kernel_grad(x, g, kernel.shape, 1, pads)) <= 1e-5
+
+
 def test_without_a_compiler_conv2d_warns_once_and_uses_xla(monkeypatch):
     def no_compiler():
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")

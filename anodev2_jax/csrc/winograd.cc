@@ -5,13 +5,15 @@
 //
 // (zero outside x). Each 2x2 tile of outputs is A^T [sum_c (G w G^T)[., ., c, o] .
 // (B^T d B)[., ., c]] A, where d is the tile's 6x6 input patch and the 6x6 products run over
-// the Toom-Cook points 0, 1, -1, 2, -2, inf: 36 multiply-adds per channel pair and tile
+// the Toom-Cook points 0, 1, -1, 2, -1/2, inf: 36 multiply-adds per channel pair and tile
 // instead of the direct 100. The tiles are split into chunks that the call's thread and
 // XLA's intra-op pool share; per block of kTiles tiles, the patches are transformed, then
 // each of the 36 points is one (tiles x C) @ (C x O) product in registers, then the output
 // transform writes the tiles. Rounding: float32 results differ from the direct sum by a few
-// 1e-6 of their magnitude (B and G have entries up to 5 and 2/3). Needs C and O multiples of
-// the vector length. Built by anodev2_jax/native.py.
+// 1e-6 of their magnitude; -1/2 rather than the usual -2 halves that (B's entries stay
+// within 5/2, G's within 16/15), and the kernel gradient adds its float32 sums over 128 tiles
+// into double partials. Needs C and O multiples of the vector length. Built by
+// anodev2_jax/native.py.
 
 #include <algorithm>
 #include <cstdint>
@@ -28,16 +30,17 @@ namespace {
 constexpr int kPoints = 6, kOut = 2, kTaps = 5;
 constexpr int kTiles = 24;  // tiles per block: a multiple of PX = 24 / OV for OV = 1..4
 constexpr double kBT[kPoints][kPoints] = {
-    {4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-    {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+    {1, 3. / 2, -2, -3. / 2, 1, 0},   {0, -1, -5. / 2, -1. / 2, 1, 0},
+    {0, 1, 1. / 2, -5. / 2, 1, 0},    {0, -1. / 2, -1, 1. / 2, 1, 0},
+    {0, 2, -1, -2, 1, 0},             {0, 1, 3. / 2, -2, -3. / 2, 1}};
 constexpr double kG[kPoints][kTaps] = {
-    {1. / 4, 0, 0, 0, 0},
-    {-1. / 6, -1. / 6, -1. / 6, -1. / 6, -1. / 6},
-    {-1. / 6, 1. / 6, -1. / 6, 1. / 6, -1. / 6},
-    {1. / 24, 1. / 12, 1. / 6, 1. / 3, 2. / 3},
-    {1. / 24, -1. / 12, 1. / 6, -1. / 3, 2. / 3},
+    {1, 0, 0, 0, 0},
+    {-1. / 3, -1. / 3, -1. / 3, -1. / 3, -1. / 3},
+    {1. / 3, -1. / 3, 1. / 3, -1. / 3, 1. / 3},
+    {1. / 15, 2. / 15, 4. / 15, 8. / 15, 16. / 15},
+    {-16. / 15, 8. / 15, -4. / 15, 2. / 15, -1. / 15},
     {0, 0, 0, 0, 1}};
-constexpr double kAT[kOut][kPoints] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 1}};
+constexpr double kAT[kOut][kPoints] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -1. / 2, 1}};
 
 struct Shape {
   int64_t n, h, w, c;  // x
@@ -249,6 +252,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
 // dw = G^T dU G --------------------------------------------------------------------------------
 
 constexpr int kGradTiles = 32;  // tiles per block
+constexpr int kFlush = 4;  // blocks summed in T before their sum is added to the double partial
 
 // e[p, t, o0 : o0 + lanes] = (A dY A^T)[p] for tile `tile`'s 2x2 outputs dY of g (zero beyond
 // the output), one vector of output channels.
@@ -285,7 +289,7 @@ void TransformGradient(const T* g, const Shape& s, int64_t tile, int64_t t, int6
     }
 }
 
-// du[c0 + cb, o0 + k * lanes : ...] += sum over the block's tiles t of v[t, c0 + cb] e[t, ...]:
+// du[c0 + cb, o0 + k * lanes : ...] += the sum over the block's tiles t of v[t, c0 + cb] e[t, ...]:
 // CB x OV accumulators in registers, one point.
 template <typename T, int CB, int OV>
 inline void Accumulate(const T* v, const T* e, const Shape& s, int64_t c0, int64_t o0, T* du) {
@@ -317,10 +321,12 @@ void AccumulatePoint(const T* v, const T* e, const Shape& s, int64_t o0, T* du) 
 
 // Adds the tiles [t0, t1)'s share of dU (36, C, O) to du.
 template <typename T>
-void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, T* du) {
+void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, double* du) {
   constexpr int64_t L = 64 / sizeof(T);
   const int64_t points = kPoints * kPoints, vectors = s.o / L;
   std::vector<T> v(points * kGradTiles * s.c), e(points * kGradTiles * s.o);
+  std::vector<T> sums(points * s.c * s.o, T(0));  // of the last kFlush blocks, then into du
+  int64_t blocks = 0;
   for (int64_t block = t0; block < t1; block += kGradTiles) {
     const int64_t count = std::min<int64_t>(kGradTiles, t1 - block);
     if (count < kGradTiles) {  // the rest of the block: zero patches and gradients
@@ -335,7 +341,7 @@ void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, T
     for (int64_t p = 0; p < points; ++p) {
       const T* vp = v.data() + p * kGradTiles * s.c;
       const T* ep = e.data() + p * kGradTiles * s.o;
-      T* dup = du + p * s.c * s.o;
+      T* dup = sums.data() + p * s.c * s.o;
       int64_t k = 0;
       for (; k + 4 <= vectors; k += 4) AccumulatePoint<T, 4>(vp, ep, s, k * L, dup);
       switch (vectors - k) {
@@ -352,6 +358,10 @@ void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, T
         default:
           break;
       }
+    }
+    if (++blocks % kFlush == 0 || block + kGradTiles >= t1) {
+      for (size_t i = 0; i < sums.size(); ++i) du[i] += sums[i];
+      std::fill(sums.begin(), sums.end(), T(0));
     }
   }
 }
@@ -372,41 +382,38 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g
                 pad_top, pad_left, (gd[1] + 1) / 2, (gd[2] + 1) / 2};
   const int64_t tiles = s.n * s.th * s.tw, size = kPoints * kPoints * s.c * s.o;
   const int64_t blocks = (tiles + kGradTiles - 1) / kGradTiles;
-  const int64_t chunks = std::min<int64_t>(blocks, 16);
-  std::vector<T> partials(chunks * size, T(0));
+  const int64_t chunks = std::min<int64_t>(blocks, 4);  // few: each has a double partial
+  std::vector<double> partials(chunks * size, 0.0);
   const T* xp = x.typed_data();
   const T* gp = g.typed_data();
-  T* pp = partials.data();
+  double* pp = partials.data();
   anodev2::RunChunks(pool, chunks, [=](int64_t k) {
     const int64_t b0 = blocks * k / chunks, b1 = blocks * (k + 1) / chunks;
     GradChunk(xp, gp, s, b0 * kGradTiles, std::min(b1 * kGradTiles, tiles), pp + k * size);
   });
   for (int64_t k = 1; k < chunks; ++k)  // in chunk order: deterministic
     for (int64_t i = 0; i < size; ++i) pp[i] += pp[k * size + i];
-  // dw[i, j] = sum_{a, b} G[a, i] G[b, j] dU[a, b]
+  // dw[i, j] = sum_{a, b} G[a, i] G[b, j] dU[a, b], in double
   const int64_t co = s.c * s.o;
-  std::vector<T> half(kTaps * kPoints * co, T(0));  // (G^T dU)[i, b]
+  std::vector<double> half(kTaps * kPoints * co, 0.0), full(kTaps * kTaps * co, 0.0);
   for (int i = 0; i < kTaps; ++i)
     for (int a = 0; a < kPoints; ++a) {
-      const T c = T(kG[a][i]);
-      if (c == T(0)) continue;
+      if (kG[a][i] == 0) continue;
       for (int b = 0; b < kPoints; ++b) {
-        T* dst = half.data() + (i * kPoints + b) * co;
-        const T* src = pp + (a * kPoints + b) * co;
-        for (int64_t e = 0; e < co; ++e) dst[e] += c * src[e];
+        double* dst = half.data() + (i * kPoints + b) * co;
+        const double* src = pp + (a * kPoints + b) * co;
+        for (int64_t e = 0; e < co; ++e) dst[e] += kG[a][i] * src[e];
       }
     }
-  T* out = dw->typed_data();
-  std::fill(out, out + kTaps * kTaps * co, T(0));
   for (int i = 0; i < kTaps; ++i)
     for (int j = 0; j < kTaps; ++j)
       for (int b = 0; b < kPoints; ++b) {
-        const T c = T(kG[b][j]);
-        if (c == T(0)) continue;
-        T* dst = out + (i * kTaps + j) * co;
-        const T* src = half.data() + (i * kPoints + b) * co;
-        for (int64_t e = 0; e < co; ++e) dst[e] += c * src[e];
+        if (kG[b][j] == 0) continue;
+        double* dst = full.data() + (i * kTaps + j) * co;
+        const double* src = half.data() + (i * kPoints + b) * co;
+        for (int64_t e = 0; e < co; ++e) dst[e] += kG[b][j] * src[e];
       }
+  std::copy(full.begin(), full.end(), dw->typed_data());  // rounded to T
   return ffi::Error::Success();
 }
 
