@@ -17,11 +17,11 @@ formulation; the choices are:
   with whole vectors of inputs too (AlexNet's 64→64 block) use Winograd's F(2×2, 5×5)
   instead (``csrc/winograd.cc``): 36 multiply-adds per 2×2 outputs and channel pair
   instead of 100, about twice as fast, with float32 results within a few 1e-6 of the
-  direct sum's magnitude (its transforms scale by up to 5).
+  direct sum's magnitude.
 - their kernel gradient, from one vector of outputs: a C++ kernel (``csrc/kernel_grad.cc``)
   that accumulates tiles of input channels × output vectors in registers over each image's
   pixels, tap by tap, on the call's thread and XLA's pool; for the Winograd-shaped ones
-  above, Winograd's transposed form (``csrc/winograd.cc``, 1.5× faster).
+  above, Winograd's transposed form (``csrc/winograd.cc``).
 - other kernel gradients at stride 1: XLA's convolution of x with g over the batch (one
   YNNPACK thread, behind transposes to (Cin, H, W, N) and (Ho, Wo, N, Cout)) behind a
   conditional: XLA:CPU otherwise fuses the producers of x and g (BatchNorm, ReLU, their
