@@ -247,7 +247,6 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
   return ffi::Error::Success();
 }
 
-
 // -- kernel gradient: dU[p, c, o] = sum over tiles of v[p, t, c] (A dY_t A^T)[p, o], then
 // dw = G^T dU G --------------------------------------------------------------------------------
 
@@ -345,7 +344,7 @@ void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, d
       int64_t k = 0;
       for (; k + 4 <= vectors; k += 4) AccumulatePoint<T, 4>(vp, ep, s, k * L, dup);
       switch (vectors - k) {
-        case 3:  // CB = 16 / 3 = 5 does not divide C: one vector at a time
+        case 3:  // CB = 16 / 3 would not divide C: blocks of 1 and 2 vectors
           AccumulatePoint<T, 1>(vp, ep, s, k * L, dup);
           AccumulatePoint<T, 2>(vp, ep, s, (k + 1) * L, dup);
           break;
