@@ -157,10 +157,7 @@ def max_pool(x: Array, size: int, impl: str = "xla") -> Array:
     h, w = x.shape[1:3]
     if h % size or w % size:
         raise ValueError(f"max_pool window {size} does not divide the input's {h}x{w}")
-    if impl == "auto":
-        impl = "cpu" if jax.default_backend() == "cpu" else "xla"
-    native_applies = x.dtype in (jnp.float32, jnp.float64) and jax.default_backend() == "cpu"
-    if impl != "xla" and native_applies and native.available():
+    if native.applies(impl, x):
         return _max_pool_native(x, size)
     return _window_max(x, size)
 
@@ -232,8 +229,9 @@ def resnet_field(
     z: (N, H, W, C); theta: {"conv1", "conv2"} (3, 3, C, C) kernels; args: {"bn1", "bn2"}
     as :func:`batch_norm` takes them. The block's final ReLU acts after the solve.
     """
-    h, bn1 = batch_norm(conv2d(z, theta["conv1"], 1, 1, conv_impl), args["bn1"], train)
-    h, bn2 = batch_norm(conv2d(jax.nn.relu(h), theta["conv2"], 1, 1, conv_impl), args["bn2"], train)
+    norm = functools.partial(batch_norm, train=train, impl=conv_impl)
+    h, bn1 = norm(conv2d(z, theta["conv1"], 1, 1, conv_impl), args["bn1"], relu=True)
+    h, bn2 = norm(conv2d(h, theta["conv2"], 1, 1, conv_impl), args["bn2"])
     return h, {"bn1": bn1, "bn2": bn2}
 
 
@@ -245,8 +243,8 @@ def alexnet_field(
     z: (N, H, W, C); theta: {"conv"} (5, 5, C, C); args: {"bias": (C,), "bn": ...}.
     """
     h = conv2d(z, theta["conv"], 1, 2, conv_impl) + channels(args["bias"])
-    h, bn = batch_norm(h, args["bn"], train)
-    return jax.nn.relu(h), {"bn": bn}
+    h, bn = batch_norm(h, args["bn"], train, relu=True, impl=conv_impl)
+    return h, {"bn": bn}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +306,11 @@ class ConvBN(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
             y = y + channels(bias)
         norm, stats = _norm_variables(self, "bn", (self.features,), self.dtype)
-        y, moments = batch_norm(y, norm if train else {**norm, **stats.value}, train)
+        variables = norm if train else {**norm, **stats.value}
+        y, moments = batch_norm(y, variables, train, relu=self.relu, impl=self.conv_impl)
         if train and not self.is_initializing():
             stats.value = norm_lib.fold_moments(stats.value, moments)
-        return jax.nn.relu(y) if self.relu else y
+        return y
 
 
 class ODEBlock(nn.Module):

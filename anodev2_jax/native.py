@@ -1,7 +1,8 @@
 """C++ convolution kernels for the CPU, as XLA FFI calls: the convolution
 (``csrc/conv_forward.cc``), the 5×5 stride-1 one by Winograd's F(2×2, 5×5)
-(``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``); and the gradient of
-the max pool (``csrc/max_pool.cc``).
+(``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``); the gradient of
+the max pool (``csrc/max_pool.cc``); training-mode BatchNorm with an optional ReLU, and its
+gradient (``csrc/batch_norm.cc``).
 
 Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) against the
 FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACHE`` (default
@@ -29,9 +30,8 @@ import jaxlib
 import numpy as np
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(
-    CSRC / f"{name}.cc" for name in ("kernel_grad", "conv_forward", "winograd", "max_pool")
-)
+_KERNELS = ("kernel_grad", "conv_forward", "winograd", "max_pool", "batch_norm")
+SOURCES = tuple(CSRC / f"{name}.cc" for name in _KERNELS)
 HEADERS = (CSRC / "chunks.h",)
 _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_kernel_grad_f32": "Anodev2KernelGradF32",
@@ -44,9 +44,15 @@ _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_winograd_kernel_grad_f64": "Anodev2WinogradKernelGradF64",
     "anodev2_max_pool_grad_f32": "Anodev2MaxPoolGradF32",
     "anodev2_max_pool_grad_f64": "Anodev2MaxPoolGradF64",
+    "anodev2_batch_norm_f32": "Anodev2BatchNormF32",
+    "anodev2_batch_norm_f64": "Anodev2BatchNormF64",
+    "anodev2_batch_norm_grad_f32": "Anodev2BatchNormGradF32",
+    "anodev2_batch_norm_grad_f64": "Anodev2BatchNormGradF64",
 }
 _SUFFIX = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.float64): "f64"}
+# -fno-trapping-math: comparisons and selects in loops vectorize (BatchNorm's ReLU mask).
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+FLAGS += ["-fno-trapping-math"]
 
 
 def kernel_grad(
@@ -139,7 +145,55 @@ def max_pool_grad(x: jax.Array, y: jax.Array, g: jax.Array, size: int) -> jax.Ar
     return call(x, y, g, size=np.int64(size))
 
 
+def batch_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm of x (..., C) over all but its last axis: (y, mean, var), y
+    of x's shape (ReLU applied if ``relu``), the biased moments (C,). ``scale``, ``bias``:
+    (C,). Requires :func:`available`, float32 or float64; CPU only. No autodiff of its own.
+    """
+    c = jax.ShapeDtypeStruct(scale.shape, x.dtype)
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), c, c)
+    target = f"anodev2_batch_norm_{_SUFFIX[jnp.dtype(x.dtype)]}"
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    y, mean, var = call(x, scale, bias, epsilon=np.float64(epsilon), relu=np.int64(relu))
+    return y, mean, var
+
+
+def batch_norm_grad(
+    x: jax.Array,
+    g: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    moments: tuple[jax.Array, jax.Array],
+    dmoments: tuple[jax.Array, jax.Array],
+    epsilon: float,
+    relu: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dx, dscale, dbias) of :func:`batch_norm` at x, from g = dL/dy and the cotangents
+    (dmean, dvar) of its moments; ``moments``: the (mean, var) it returned. Requires
+    :func:`available`; CPU only. No autodiff of its own.
+    """
+    c = jax.ShapeDtypeStruct(scale.shape, x.dtype)
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), c, c)
+    target = f"anodev2_batch_norm_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    attrs = {"epsilon": np.float64(epsilon), "relu": np.int64(relu)}
+    dx, dscale, dbias = call(x, g, scale, bias, *moments, *dmoments, **attrs)
+    return dx, dscale, dbias
+
+
 _available: bool | None = None  # None: not tried yet
+
+
+def applies(impl: str, x: jax.Array) -> bool:
+    """Whether an op given a conv impl (``conv.IMPLS``) runs its C++ kernel on x: impl
+    "cpu", "cpu_paired", or "auto" on the CPU; x float32 or float64 on the CPU backend; and
+    the kernels :func:`available`."""
+    if impl == "xla" or (impl == "auto" and jax.default_backend() != "cpu"):
+        return False
+    on_cpu = jnp.dtype(x.dtype) in _SUFFIX and jax.default_backend() == "cpu"
+    return on_cpu and available()
 
 
 def available() -> bool:

@@ -7,6 +7,9 @@ own (z₀ and z₀ + h f(z₀) differ, and θ(t) evolves): its running statistic
 per evaluation, (E, C) with E = Nz·stages, and evaluation k is normalized in eval mode with
 row k (SPEC §5). Scale and offset are shared by default ((C,), the parameter count of the
 residual block) or, optionally, per evaluation too ((E, C)).
+
+With a conv impl that runs C++ kernels on the CPU ("cpu", "auto" there), training mode and
+its gradient are two passes each way of ``csrc/batch_norm.cc``, a following ReLU fused in.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from anodev2_jax import native
 
 PyTree = Any
 Array = jax.Array
@@ -39,19 +44,32 @@ def batch_moments(x: Array) -> dict[str, Array]:
 
 
 def batch_norm(
-    x: Array, norm: dict[str, Array], train: bool, epsilon: float = BN_EPSILON
+    x: Array,
+    norm: dict[str, Array],
+    train: bool,
+    epsilon: float = BN_EPSILON,
+    *,
+    relu: bool = False,
+    impl: str = "xla",
 ) -> tuple[Array, dict[str, Array]]:
-    """BatchNorm of x (N, H, W, C) and the moments it used.
+    """BatchNorm of x (N, H, W, C), then a ReLU if ``relu``, and the moments it used.
 
     ``norm``: {"scale", "bias"} (C,) and, for ``train=False``, the running {"mean", "var"}.
     Training normalizes with the batch's own moments (and differentiates through them).
+    ``impl``: a conv impl (``conv.IMPLS``); where :func:`native.applies` and x, scale and
+    bias share a dtype, training mode is the C++ kernel's (equal to the formula up to
+    rounding, reverse mode to any order).
     """
+    same_dtype = norm["scale"].dtype == norm["bias"].dtype == x.dtype
+    if train and same_dtype and native.applies(impl, x):
+        return _batch_norm_native(x, norm["scale"], norm["bias"], epsilon, relu)
     if train:
-        return _batch_norm_train(x, norm["scale"], norm["bias"], epsilon)
-    moments = {"mean": norm["mean"], "var": norm["var"]}
-    inv = norm["scale"] * jax.lax.rsqrt(moments["var"] + epsilon)
-    y = (x - channels(moments["mean"])) * channels(inv) + channels(norm["bias"])
-    return y, moments
+        y, moments = _batch_norm_train(x, norm["scale"], norm["bias"], epsilon)
+    else:
+        moments = {"mean": norm["mean"], "var": norm["var"]}
+        inv = norm["scale"] * jax.lax.rsqrt(moments["var"] + epsilon)
+        y = (x - channels(moments["mean"])) * channels(inv) + channels(norm["bias"])
+    return (jax.nn.relu(y) if relu else y), moments
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -94,6 +112,100 @@ def _batch_norm_train_bwd(
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def _batch_norm_relu(
+    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
+) -> tuple[Array, dict[str, Array]]:
+    """What :func:`_batch_norm_native` computes, in jnp: the reference for its derivatives."""
+    y, moments = _batch_norm_train(x, scale, bias, epsilon)
+    return (jax.nn.relu(y) if relu else y), moments
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_native(
+    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
+) -> tuple[Array, dict[str, Array]]:
+    """Training-mode BatchNorm (and ReLU) by the C++ kernel, its VJP by the C++ kernel."""
+    y, mean, var = native.batch_norm(x, scale, bias, epsilon, relu)
+    return y, {"mean": mean, "var": var}
+
+
+def _batch_norm_native_fwd(
+    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
+) -> tuple[tuple[Array, dict[str, Array]], tuple[Any, ...]]:
+    y, moments = _batch_norm_native(x, scale, bias, epsilon, relu)
+    return (y, moments), (x, scale, bias, moments)
+
+
+def _batch_norm_native_bwd(
+    epsilon: float,
+    relu: bool,
+    residuals: tuple[Any, ...],
+    cotangents: tuple[Array, dict[str, Array]],
+) -> tuple[Array, Array, Array]:
+    x, scale, bias, moments = residuals
+    g, dmoments = cotangents
+    return _batch_norm_native_vjp(x, scale, bias, moments, g, dmoments, epsilon, relu)
+
+
+_batch_norm_native.defvjp(_batch_norm_native_fwd, _batch_norm_native_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _batch_norm_native_vjp(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    moments: dict[str, Array],
+    g: Array,
+    dmoments: dict[str, Array],
+    epsilon: float,
+    relu: bool,
+) -> tuple[Array, Array, Array]:
+    """(dx, dscale, dbias) by the C++ kernel, given ``moments``, the batch's own (it takes
+    them instead of recomputing them). Differentiable as the VJP of :func:`_batch_norm_relu`,
+    through which x determines the moments (their own cotangent is zero)."""
+    return native.batch_norm_grad(
+        x,
+        g,
+        scale,
+        bias,
+        (moments["mean"], moments["var"]),
+        (dmoments["mean"], dmoments["var"]),
+        epsilon,
+        relu,
+    )
+
+
+def _batch_norm_native_vjp_fwd(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    moments: dict[str, Array],
+    g: Array,
+    dmoments: dict[str, Array],
+    epsilon: float,
+    relu: bool,
+) -> tuple[tuple[Array, Array, Array], tuple[Any, ...]]:
+    out = _batch_norm_native_vjp(x, scale, bias, moments, g, dmoments, epsilon, relu)
+    return out, (x, scale, bias, moments, g, dmoments)
+
+
+def _batch_norm_native_vjp_bwd(
+    epsilon: float, relu: bool, residuals: tuple[Any, ...], cotangent: tuple[Array, ...]
+) -> tuple[Any, ...]:
+    x, scale, bias, moments, g, dmoments = residuals
+
+    def vjp(x: Array, scale: Array, bias: Array, g: Array, dmoments: dict[str, Array]) -> Any:
+        forward = functools.partial(_batch_norm_relu, epsilon=epsilon, relu=relu)
+        return jax.vjp(forward, x, scale, bias)[1]((g, dmoments))
+
+    dx, dscale, dbias, dg, ddmoments = jax.vjp(vjp, x, scale, bias, g, dmoments)[1](cotangent)
+    return dx, dscale, dbias, jax.tree.map(jnp.zeros_like, moments), dg, ddmoments
+
+
+_batch_norm_native_vjp.defvjp(_batch_norm_native_vjp_fwd, _batch_norm_native_vjp_bwd)
 
 
 def fold_moments(
