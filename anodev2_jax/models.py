@@ -38,7 +38,7 @@ from anodev2_jax import native
 from anodev2_jax import normalization as norm_lib
 from anodev2_jax import solve as solve_lib
 from anodev2_jax.conv import conv2d
-from anodev2_jax.normalization import batch_norm, channels
+from anodev2_jax.normalization import batch_norm
 
 PyTree = Any
 Array = jax.Array
@@ -242,8 +242,8 @@ def alexnet_field(
 
     z: (N, H, W, C); theta: {"conv"} (5, 5, C, C); args: {"bias": (C,), "bn": ...}.
     """
-    h = conv2d(z, theta["conv"], 1, 2, conv_impl) + channels(args["bias"])
-    h, bn = batch_norm(h, args["bn"], train, relu=True, impl=conv_impl)
+    h = conv2d(z, theta["conv"], 1, 2, conv_impl)
+    h, bn = batch_norm(h, args["bn"], train, offset=args["bias"], relu=True, impl=conv_impl)
     return h, {"bn": bn}
 
 
@@ -302,12 +302,14 @@ class ConvBN(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), self.dtype)
         y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-            y = y + channels(bias)
         norm, stats = _norm_variables(self, "bn", (self.features,), self.dtype)
         variables = norm if train else {**norm, **stats.value}
-        y, moments = batch_norm(y, variables, train, relu=self.relu, impl=self.conv_impl)
+        y, moments = batch_norm(
+            y, variables, train, offset=bias, relu=self.relu, impl=self.conv_impl
+        )
         if train and not self.is_initializing():
             stats.value = norm_lib.fold_moments(stats.value, moments)
         return y

@@ -49,27 +49,36 @@ def batch_norm(
     train: bool,
     epsilon: float = BN_EPSILON,
     *,
+    offset: Array | None = None,
     relu: bool = False,
     impl: str = "xla",
 ) -> tuple[Array, dict[str, Array]]:
-    """BatchNorm of x (N, H, W, C), then a ReLU if ``relu``, and the moments it used.
+    """BatchNorm of x + offset (x: (N, H, W, C)), then a ReLU if ``relu``, and the moments it
+    used.
 
     ``norm``: {"scale", "bias"} (C,) and, for ``train=False``, the running {"mean", "var"}.
     Training normalizes with the batch's own moments (and differentiates through them).
-    ``impl``: a conv impl (``conv.IMPLS``); where :func:`native.applies` and x, scale and
-    bias share a dtype, training mode is the C++ kernel's (equal to the formula up to
-    rounding, reverse mode to any order).
+    ``offset``: (C,), e.g. the bias of the conv before; it only shifts the mean, so it is
+    added to the mean, not to x (one pass over x fewer). ``impl``: a conv impl
+    (``conv.IMPLS``); where :func:`native.applies` and x, scale and bias share a dtype,
+    training mode is the C++ kernel's (equal to the formula up to rounding, reverse mode to
+    any order).
     """
     same_dtype = norm["scale"].dtype == norm["bias"].dtype == x.dtype
     if train and same_dtype and native.applies(impl, x):
-        return _batch_norm_native(x, norm["scale"], norm["bias"], epsilon, relu)
-    if train:
+        y, moments = _batch_norm_native(x, norm["scale"], norm["bias"], epsilon, relu)
+    elif train:
         y, moments = _batch_norm_train(x, norm["scale"], norm["bias"], epsilon)
+        y = jax.nn.relu(y) if relu else y
     else:
         moments = {"mean": norm["mean"], "var": norm["var"]}
+        mean = moments["mean"] if offset is None else moments["mean"] - offset
         inv = norm["scale"] * jax.lax.rsqrt(moments["var"] + epsilon)
-        y = (x - channels(moments["mean"])) * channels(inv) + channels(norm["bias"])
-    return (jax.nn.relu(y) if relu else y), moments
+        y = (x - channels(mean)) * channels(inv) + channels(norm["bias"])
+        return (jax.nn.relu(y) if relu else y), moments
+    if offset is not None:
+        moments = {**moments, "mean": moments["mean"] + offset}
+    return y, moments
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

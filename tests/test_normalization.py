@@ -73,6 +73,36 @@ def test_cpu_batch_norm_equals_the_formula_to_second_order(dtype, relu):
         assert tree_relative_error(ours, theirs) < tol
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_batch_norm_offset_equals_normalizing_x_plus_offset(impl):
+    """offset= (added to the mean, not to x) against BatchNorm of x + offset: output, moments
+    and gradients in training mode, output in eval mode."""
+    x = normal((3, 4, 5, 8), 0) + 1.0
+    norm = {"scale": normal((8,), 1), "bias": normal((8,), 2)}
+    offset = normal((8,), 3)
+    running = {**norm, "mean": normal((8,), 4), "var": jnp.exp(normal((8,), 5))}
+
+    def loss(fn):
+        def value(x, offset):
+            y, moments = fn(x, offset)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(moments["mean"] ** 2 + moments["var"] ** 2)
+
+        return value
+
+    folded = lambda x, o: norm_lib.batch_norm(x, norm, True, offset=o, relu=True, impl=impl)
+    added = lambda x, o: norm_lib.batch_norm(
+        x + o[None, None, None], norm, True, relu=True, impl=impl
+    )
+    assert tree_relative_error(folded(x, offset), added(x, offset)) < 1e-13
+    grads = [jax.grad(loss(fn), (0, 1))(x, offset) for fn in (folded, added)]
+    assert tree_relative_error(*grads) < 1e-13
+    evals = [
+        norm_lib.batch_norm(x, running, False, offset=offset)[0],
+        norm_lib.batch_norm(x + offset[None, None, None], running, False)[0],
+    ]
+    assert tree_relative_error(*evals) < 1e-14
+
+
 def test_cpu_batch_norm_relu_keeps_nan():
     """A NaN input stays NaN through the fused ReLU (as through jax.nn.relu), so that the
     training loop's NaN guard sees it."""
