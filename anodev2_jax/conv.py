@@ -13,11 +13,12 @@ formulation; the choices are:
   use by :mod:`anodev2_jax.native`) that splits the output rows between the call's thread
   and XLA's pool and accumulates tiles of pixels × output vectors in registers. XLA:CPU
   gives convolutions with more than 16 channels to YNNPACK on one thread and 16-channel ones
-  to Eigen, both slower on 2 cores (BENCHMARKS.md §1). Those that are 5×5 at stride 1
-  with whole vectors of inputs too (AlexNet's 64→64 block) use Winograd's F(2×2, 5×5)
-  instead (``csrc/winograd.cc``): 36 multiply-adds per 2×2 outputs and channel pair
-  instead of 100, about twice as fast, with float32 results within a few 1e-6 of the
-  direct sum's magnitude.
+  to Eigen, both slower on 2 cores (BENCHMARKS.md §1). Those at stride 1 that are 5×5
+  with whole vectors of inputs too (AlexNet's 64→64 block) or 3×3 with 32 or more
+  (ResNet-10's 32-channel blocks) use Winograd's F(2×2, 5×5) or F(4×4, 3×3) instead
+  (``csrc/winograd.cc``): 36 multiply-adds per tile and channel pair instead of 100 or
+  144, with float32 results within a few 1e-6 of the direct sum's magnitude. At 16
+  channels in, the 3×3 one's transforms cost more than it saves (:data:`WINOGRAD_MIN_CIN`).
 - their kernel gradient, from one vector of outputs: a C++ kernel (``csrc/kernel_grad.cc``)
   that accumulates tiles of input channels × output vectors in registers over each image's
   pixels, tap by tap, on the call's thread and XLA's pool; for the Winograd-shaped ones
@@ -66,6 +67,9 @@ from jax import lax
 from anodev2_jax import native
 
 IMPLS = ("xla", "cpu", "cpu_paired", "auto")
+# kernel size -> the C_in (and its multiples) from which impl="cpu" convolves by Winograd
+# (benchmarks/conv_microbench.py: at 16 channels in, the 3x3 one is slower than direct).
+WINOGRAD_MIN_CIN = {5: 16, 3: 32}
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _PADDING_NAMES = ("SAME", "VALID")
 _YNN_DTYPES = (jnp.float32, jnp.float64)  # the float types YNNPACK convolves (jaxlib 0.10)
@@ -163,11 +167,13 @@ def _conv_native(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Arr
 
 
 def _winograd_applies(x: jax.Array, kernel_shape: tuple[int, ...], stride: int) -> bool:
-    """Whether a C++ kernel that takes this convolution uses Winograd's F(2×2, 5×5): 5×5 at
-    stride 1, whole vectors of channels in and out (Cin a multiple of 16)."""
+    """Whether a C++ kernel that takes this convolution uses Winograd's F(2×2, 5×5) or
+    F(4×4, 3×3): 5×5 or 3×3 at stride 1, whole vectors of outputs, Cin a multiple of
+    :data:`WINOGRAD_MIN_CIN` (below it the transforms cost more than the products save)."""
     kh, kw, cin, cout = kernel_shape
     lanes = 64 // x.dtype.itemsize
-    return (kh, kw, stride) == (5, 5, 1) and cin % 16 == 0 and cout % lanes == 0
+    min_cin = WINOGRAD_MIN_CIN.get(kh) if kh == kw else None
+    return min_cin is not None and stride == 1 and cin % min_cin == 0 and cout % lanes == 0
 
 
 def _conv_native_fwd(
@@ -292,7 +298,7 @@ def _kernel_grad_native(
     gradient is that of :func:`kernel_grad`, the same linear map."""
     before = (pads[0][0], pads[1][0])
     if _winograd_applies(x, kernel_shape, stride):
-        return native.winograd_kernel_grad(x, g, before)
+        return native.winograd_kernel_grad(x, g, kernel_shape[0], before)
     return native.kernel_grad(x, g, (kernel_shape[0], kernel_shape[1]), before, stride)
 
 

@@ -102,8 +102,9 @@ def conv_forward(
 def winograd(
     x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]
 ) -> jax.Array:
-    """The stride-1 convolution of x (N, H, W, Cin) with a 5×5 w (5, 5, Cin, Cout) by
-    Winograd's F(2×2, 5×5) -> (N, Ho, Wo, Cout); ``pads`` as in :func:`conv_forward`.
+    """The stride-1 convolution of x (N, H, W, Cin) with a 5×5 or 3×3 w (k, k, Cin, Cout)
+    by Winograd's F(2×2, 5×5) or F(4×4, 3×3) -> (N, Ho, Wo, Cout); ``pads`` as in
+    :func:`conv_forward`.
 
     Requires :func:`available`, float32 or float64, Cin and Cout multiples of 64 bytes' worth
     of values; CPU only. float32 results differ from the direct sum by a few 1e-6 of their
@@ -111,23 +112,26 @@ def winograd(
     """
     (top, bottom), (left, right) = pads
     n, h, width, _ = x.shape
+    k = w.shape[0]
     out = jax.ShapeDtypeStruct(
-        (n, h + top + bottom - 4, width + left + right - 4, w.shape[3]), x.dtype
+        (n, h + top + bottom - k + 1, width + left + right - k + 1, w.shape[3]), x.dtype
     )
     target = f"anodev2_winograd_{_SUFFIX[jnp.dtype(x.dtype)]}"
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(x, w, pad_top=np.int64(top), pad_left=np.int64(left), stride=np.int64(1))
 
 
-def winograd_kernel_grad(x: jax.Array, g: jax.Array, pads: tuple[int, int]) -> jax.Array:
-    """dw (5, 5, Cin, Cout) of the stride-1 convolution y = conv(x, w) from x (N, H, W, Cin)
-    and g = dL/dy (N, Ho, Wo, Cout) by Winograd's F(2×2, 5×5); ``pads``: the zero rows and
-    columns before the image.
+def winograd_kernel_grad(
+    x: jax.Array, g: jax.Array, kernel_size: int, pads: tuple[int, int]
+) -> jax.Array:
+    """dw (k, k, Cin, Cout), k = ``kernel_size`` (5 or 3), of the stride-1 convolution
+    y = conv(x, w) from x (N, H, W, Cin) and g = dL/dy (N, Ho, Wo, Cout) by Winograd's
+    F(2×2, 5×5) or F(4×4, 3×3); ``pads``: the zero rows and columns before the image.
 
     Requires :func:`available`, float32 or float64, Cin a multiple of 16 and Cout of 64
     bytes' worth of values; CPU only. No autodiff of its own.
     """
-    out = jax.ShapeDtypeStruct((5, 5, x.shape[3], g.shape[3]), x.dtype)
+    out = jax.ShapeDtypeStruct((kernel_size, kernel_size, x.shape[3], g.shape[3]), x.dtype)
     target = f"anodev2_winograd_kernel_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(x, g, pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]), stride=np.int64(1))

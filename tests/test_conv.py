@@ -26,6 +26,7 @@ CASES = {
     "32 channels, 16-wide tiles and a 5-column rest (native dw)": (5, 6, 37, 21, 3, 1, 1),
     "20 -> 32 5x5 (native conv and dx)": (6, 7, 20, 32, 5, 1, 2),
     "16 -> 32 5x5 odd size (Winograd conv and dx)": (7, 5, 16, 32, 5, 1, 2),
+    "32 -> 16 3x3 odd size (Winograd F(4x4, 3x3) conv, dw)": (7, 9, 32, 16, 3, 1, 1),
     "VALID 16 outputs (native conv, no padding)": (6, 7, 10, 16, 3, 1, "VALID"),
     "stride 2 to 8 channels (native dx: 4 phases x 4 channels)": (8, 7, 4, 8, 3, 2, 1),
     "stride 2 odd size to 16 (native conv and dw)": (9, 7, 5, 16, 3, 2, 1),
@@ -222,7 +223,7 @@ def test_native_kernel_grad_equals_xla(shape, pads, stride):
         assert tree_relative_error(got, expected) <= tolerance
 
 
-WINOGRAD_CASES = [  # (N, H, W, Cin, Cout), ((top, bottom), (left, right))
+WINOGRAD_CASES = [  # (N, H, W, Cin, Cout), ((top, bottom), (left, right)); each 5x5 and 3x3
     ((2, 16, 16, 64, 64), ((2, 2), (2, 2))),  # AlexNet's block
     ((3, 9, 7, 32, 48), ((2, 2), (2, 2))),  # odd sizes: half tiles; 3 vectors of outputs
     ((2, 11, 13, 16, 16), ((0, 1), (3, 0))),  # one-sided padding, 1 vector
@@ -232,13 +233,14 @@ WINOGRAD_CASES = [  # (N, H, W, Cin, Cout), ((top, bottom), (left, right))
 
 
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's conv")
+@pytest.mark.parametrize("k", [5, 3])
 @pytest.mark.parametrize("shape, pads", WINOGRAD_CASES)
-def test_native_winograd_conv_and_kernel_grad_equal_xla(shape, pads):
+def test_native_winograd_conv_and_kernel_grad_equal_xla(shape, pads, k):
     n, h, w, cin, cout = shape
     rng = np.random.default_rng(0)
     for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
         x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
-        kernel = jnp.asarray(rng.standard_normal((5, 5, cin, cout)) / np.sqrt(25 * cin), dtype)
+        kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), dtype)
         expected = conv_lib._conv_xla(x, kernel, 1, pads)
         got = jax.jit(native.winograd, static_argnums=2)(x, kernel, pads)
         assert got.dtype == dtype and got.shape == expected.shape
@@ -246,23 +248,28 @@ def test_native_winograd_conv_and_kernel_grad_equal_xla(shape, pads):
         g = jnp.asarray(rng.standard_normal(expected.shape), dtype)
         expected_dw = conv_lib.kernel_grad(x, g, kernel.shape, 1, pads)
         before = (pads[0][0], pads[1][0])
-        got_dw = jax.jit(native.winograd_kernel_grad, static_argnums=2)(x, g, before)
+        got_dw = jax.jit(native.winograd_kernel_grad, static_argnums=(2, 3))(x, g, k, before)
         assert got_dw.dtype == dtype
         assert tree_relative_error(got_dw, expected_dw) <= tolerance
 
 
 @pytest.mark.skipif(not native.available(), reason="no C++ compiler: conv2d uses XLA's conv")
-def test_native_winograd_float32_at_alexnets_full_size():
-    """float32 rounding stays within 1e-5 over a whole batch of AlexNet's block (the kernel
-    gradient sums 8192 tiles)."""
+@pytest.mark.parametrize(
+    "shape, k", [((128, 16, 16, 64), 5), ((128, 16, 16, 32), 3)], ids=["alexnet", "resnet10"]
+)
+def test_native_winograd_float32_at_full_size(shape, k):
+    """float32 rounding stays within 1e-5 over a whole batch of AlexNet's and ResNet-10's
+    32-channel blocks (the kernel gradient sums 8192 and 2048 tiles)."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(np.maximum(rng.standard_normal((128, 16, 16, 64)), 0), jnp.float32)
-    g = jnp.asarray(rng.standard_normal((128, 16, 16, 64)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((5, 5, 64, 64)) / 40, jnp.float32)
-    pads = ((2, 2), (2, 2))
+    x = jnp.asarray(np.maximum(rng.standard_normal(shape), 0), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = rng.standard_normal((k, k, shape[3], shape[3])) / np.sqrt(k * k * shape[3])
+    kernel = jnp.asarray(kernel, jnp.float32)
+    p = k // 2
+    pads = ((p, p), (p, p))
     y = jax.jit(native.winograd, static_argnums=2)(x, kernel, pads)
     assert tree_relative_error(y, conv_lib._conv_xla(x, kernel, 1, pads)) <= 1e-5
-    dw = jax.jit(native.winograd_kernel_grad, static_argnums=2)(x, g, (2, 2))
+    dw = jax.jit(native.winograd_kernel_grad, static_argnums=(2, 3))(x, g, k, (p, p))
     assert tree_relative_error(dw, conv_lib.kernel_grad(x, g, kernel.shape, 1, pads)) <= 1e-5
 
 

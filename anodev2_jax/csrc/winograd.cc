@@ -1,12 +1,12 @@
-// 5x5 stride-1 convolution (NHWC x HWIO) by Winograd's F(2x2, 5x5), an XLA FFI handler for
-// the CPU:
+// 5x5 and 3x3 stride-1 convolutions (NHWC x HWIO) by Winograd's F(2x2, 5x5) and F(4x4, 3x3),
+// XLA FFI handlers for the CPU:
 //
 //   y[n, r, q, o] = sum_{i, j, c} x[n, r + i - pad_top, q + j - pad_left, c] w[i, j, c, o]
 //
-// (zero outside x). Each 2x2 tile of outputs is A^T [sum_c (G w G^T)[., ., c, o] .
+// (zero outside x). Each 2x2 (4x4) tile of outputs is A^T [sum_c (G w G^T)[., ., c, o] .
 // (B^T d B)[., ., c]] A, where d is the tile's 6x6 input patch and the 6x6 products run over
 // the Toom-Cook points 0, 1, -1, 2, -1/2, inf: 36 multiply-adds per channel pair and tile
-// instead of the direct 100. The tiles are split into chunks that the call's thread and
+// instead of the direct 100 (144). The tiles are split into chunks that the call's thread and
 // XLA's intra-op pool share; per block of kTiles tiles, the patches are transformed, then
 // each of the 36 points is one (tiles x C) @ (C x O) product in registers, then the output
 // transform writes the tiles. Rounding: float32 results differ from the direct sum by a few
@@ -27,20 +27,37 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kPoints = 6, kOut = 2, kTaps = 5;
+constexpr int kPoints = 6;
 constexpr int kTiles = 24;  // tiles per block: a multiple of PX = 24 / OV for OV = 1..4
 constexpr double kBT[kPoints][kPoints] = {
     {1, 3. / 2, -2, -3. / 2, 1, 0},   {0, -1, -5. / 2, -1. / 2, 1, 0},
     {0, 1, 1. / 2, -5. / 2, 1, 0},    {0, -1. / 2, -1, 1. / 2, 1, 0},
     {0, 2, -1, -2, 1, 0},             {0, 1, 3. / 2, -2, -3. / 2, 1}};
-constexpr double kG[kPoints][kTaps] = {
-    {1, 0, 0, 0, 0},
-    {-1. / 3, -1. / 3, -1. / 3, -1. / 3, -1. / 3},
-    {1. / 3, -1. / 3, 1. / 3, -1. / 3, 1. / 3},
-    {1. / 15, 2. / 15, 4. / 15, 8. / 15, 16. / 15},
-    {-16. / 15, 8. / 15, -4. / 15, 2. / 15, -1. / 15},
-    {0, 0, 0, 0, 1}};
-constexpr double kAT[kOut][kPoints] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -1. / 2, 1}};
+
+// F(kOut x kOut, kTaps x kTaps) over the six points (kOut + kTaps - 1 = 6, so B is shared):
+// G's row for a finite point p is f_p (1, p, p^2, ...), A^T's column is (1, p, p^2, ...).
+struct F2x5 {
+  static constexpr int kOut = 2, kTaps = 5;
+  static constexpr double kG[kPoints][kTaps] = {
+      {1, 0, 0, 0, 0},
+      {-1. / 3, -1. / 3, -1. / 3, -1. / 3, -1. / 3},
+      {1. / 3, -1. / 3, 1. / 3, -1. / 3, 1. / 3},
+      {1. / 15, 2. / 15, 4. / 15, 8. / 15, 16. / 15},
+      {-16. / 15, 8. / 15, -4. / 15, 2. / 15, -1. / 15},
+      {0, 0, 0, 0, 1}};
+  static constexpr double kAT[kOut][kPoints] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -1. / 2, 1}};
+};
+
+struct F4x3 {
+  static constexpr int kOut = 4, kTaps = 3;
+  static constexpr double kG[kPoints][kTaps] = {
+      {1, 0, 0},          {-1. / 3, -1. / 3, -1. / 3}, {1. / 3, -1. / 3, 1. / 3},
+      {1. / 15, 2. / 15, 4. / 15}, {-16. / 15, 8. / 15, -4. / 15}, {0, 0, 1}};
+  static constexpr double kAT[kOut][kPoints] = {{1, 1, 1, 1, 1, 0},
+                                               {0, 1, -1, 2, -1. / 2, 0},
+                                               {0, 1, 1, 4, 1. / 4, 0},
+                                               {0, 1, -1, 8, -1. / 8, 1}};
+};
 
 struct Shape {
   int64_t n, h, w, c;  // x
@@ -50,28 +67,28 @@ struct Shape {
 };
 
 // U[p, c, o] = (G w G^T)[p / 6, p % 6, c, o] for the 36 points p.
-template <typename T>
+template <typename F, typename T>
 void TransformKernel(const T* w, const Shape& s, T* u) {
   const int64_t co = s.c * s.o;
-  std::vector<T> half(kPoints * kTaps * co, T(0));  // (G w)[a, j, c, o]
+  std::vector<T> half(kPoints * F::kTaps * co, T(0));  // (G w)[a, j, c, o]
   for (int a = 0; a < kPoints; ++a)
-    for (int i = 0; i < kTaps; ++i) {
-      const T g = T(kG[a][i]);
+    for (int i = 0; i < F::kTaps; ++i) {
+      const T g = T(F::kG[a][i]);
       if (g == T(0)) continue;
-      for (int j = 0; j < kTaps; ++j) {
-        T* dst = half.data() + (a * kTaps + j) * co;
-        const T* src = w + (i * kTaps + j) * co;
+      for (int j = 0; j < F::kTaps; ++j) {
+        T* dst = half.data() + (a * F::kTaps + j) * co;
+        const T* src = w + (i * F::kTaps + j) * co;
         for (int64_t e = 0; e < co; ++e) dst[e] += g * src[e];
       }
     }
   std::fill(u, u + kPoints * kPoints * co, T(0));
   for (int a = 0; a < kPoints; ++a)
     for (int b = 0; b < kPoints; ++b)
-      for (int j = 0; j < kTaps; ++j) {
-        const T g = T(kG[b][j]);
+      for (int j = 0; j < F::kTaps; ++j) {
+        const T g = T(F::kG[b][j]);
         if (g == T(0)) continue;
         T* dst = u + (a * kPoints + b) * co;
-        const T* src = half.data() + (a * kTaps + j) * co;
+        const T* src = half.data() + (a * F::kTaps + j) * co;
         for (int64_t e = 0; e < co; ++e) dst[e] += g * src[e];
       }
 }
@@ -79,12 +96,12 @@ void TransformKernel(const T* w, const Shape& s, T* u) {
 // v[p, t, c0 : c0 + lanes] = (B^T d B)[p] for the 6x6 patch d of tile `tile` (of the
 // flattened (n, a, b)), one vector of channels, v holding `block` tiles per point; the
 // products by B's constant entries unroll to adds and scalings.
-template <typename T>
+template <typename F, typename T>
 void TransformPatch(const T* x, const Shape& s, int64_t tile, int64_t t, int64_t c0,
                     int64_t block, T* v) {
   typedef T V __attribute__((vector_size(64)));
   const int64_t n = tile / (s.th * s.tw), a = tile / s.tw % s.th, b = tile % s.tw;
-  const int64_t top = 2 * a - s.pad_top, left = 2 * b - s.pad_left;
+  const int64_t top = F::kOut * a - s.pad_top, left = F::kOut * b - s.pad_left;
   V d[kPoints][kPoints];
   for (int i = 0; i < kPoints; ++i)
     for (int j = 0; j < kPoints; ++j) {
@@ -147,35 +164,35 @@ void Products(const T* v, const T* u, const Shape& s, int64_t o0, T* m) {
 }
 
 // Writes tile `tile`'s outputs A^T m A from m[p, t, :], the block's products.
-template <typename T>
+template <typename F, typename T>
 void TransformOutput(const T* m, const Shape& s, int64_t tile, int64_t t, T* y) {
   typedef T V __attribute__((vector_size(64)));
   constexpr int64_t L = 64 / sizeof(T);
   const int64_t n = tile / (s.th * s.tw), a = tile / s.tw % s.th, b = tile % s.tw;
   for (int64_t o0 = 0; o0 < s.o; o0 += L) {
-    V half[kOut][kPoints];  // (A^T m)[r, q]
+    V half[F::kOut][kPoints];  // (A^T m)[r, q]
 #pragma GCC unroll 6
     for (int q = 0; q < kPoints; ++q) {
       V mv[kPoints];
       for (int p = 0; p < kPoints; ++p)
         std::memcpy(&mv[p], m + ((p * kPoints + q) * kTiles + t) * s.o + o0, sizeof(V));
 #pragma GCC unroll 2
-      for (int r = 0; r < kOut; ++r) {
+      for (int r = 0; r < F::kOut; ++r) {
         V sum{};
 #pragma GCC unroll 6
         for (int p = 0; p < kPoints; ++p)
-          if (kAT[r][p] != 0) sum += T(kAT[r][p]) * mv[p];
+          if (F::kAT[r][p] != 0) sum += T(F::kAT[r][p]) * mv[p];
         half[r][q] = sum;
       }
     }
-    for (int r = 0; r < kOut; ++r)
-      for (int e = 0; e < kOut; ++e) {
-        const int64_t yr = 2 * a + r, yc = 2 * b + e;
+    for (int r = 0; r < F::kOut; ++r)
+      for (int e = 0; e < F::kOut; ++e) {
+        const int64_t yr = F::kOut * a + r, yc = F::kOut * b + e;
         if (yr >= s.ho || yc >= s.wo) continue;
         V sum{};
 #pragma GCC unroll 6
         for (int q = 0; q < kPoints; ++q)
-          if (kAT[e][q] != 0) sum += T(kAT[e][q]) * half[r][q];
+          if (F::kAT[e][q] != 0) sum += T(F::kAT[e][q]) * half[r][q];
         std::memcpy(y + ((n * s.ho + yr) * s.wo + yc) * s.o + o0, &sum, sizeof(V));
       }
   }
@@ -183,7 +200,7 @@ void TransformOutput(const T* m, const Shape& s, int64_t tile, int64_t t, T* y) 
 
 // Tiles [t0, t1) of the flattened (n, a, b) tiles, in blocks of kTiles (the last one padded
 // with zero patches, whose outputs are not written).
-template <typename T>
+template <typename F, typename T>
 void Chunk(const T* x, const T* u, const Shape& s, int64_t t0, int64_t t1, T* y) {
   constexpr int64_t L = 64 / sizeof(T);
   const int64_t points = kPoints * kPoints;
@@ -193,7 +210,7 @@ void Chunk(const T* x, const T* u, const Shape& s, int64_t t0, int64_t t1, T* y)
     if (count < kTiles) std::fill(v.begin(), v.end(), T(0));
     for (int64_t t = 0; t < count; ++t)
       for (int64_t c0 = 0; c0 < s.c; c0 += L)
-        TransformPatch(x, s, block + t, t, c0, kTiles, v.data());
+        TransformPatch<F>(x, s, block + t, t, c0, kTiles, v.data());
     for (int64_t p = 0; p < points; ++p) {
       const T* vp = v.data() + p * kTiles * s.c;
       const T* up = u + p * s.c * s.o;
@@ -215,35 +232,51 @@ void Chunk(const T* x, const T* u, const Shape& s, int64_t t0, int64_t t1, T* y)
           break;
       }
     }
-    for (int64_t t = 0; t < count; ++t) TransformOutput(m.data(), s, block + t, t, y);
+    for (int64_t t = 0; t < count; ++t) TransformOutput<F>(m.data(), s, block + t, t, y);
   }
+}
+
+// The shape of a convolution with kernel size `taps` from x's, the kernel's and the output's
+// dimensions (the output's: y's, or g's for the kernel gradient); false if Winograd does not
+// take it (kernel 5x5 or 3x3, stride 1, C_in a multiple of c_mult, C_out of the vector).
+template <typename T>
+bool MakeShape(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+               ffi::Span<const int64_t> yd, int64_t pad_top, int64_t pad_left, int64_t stride,
+               int64_t c_mult, Shape& s) {
+  constexpr int64_t L = 64 / sizeof(T);
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
+      (wd[0] != 5 && wd[0] != 3) || wd[1] != wd[0] || wd[2] != xd[3] || yd[3] != wd[3] ||
+      xd[3] % c_mult != 0 || yd[3] % L != 0 || pad_top < 0 || pad_left < 0 || stride != 1)
+    return false;
+  const int64_t out = wd[0] == 5 ? F2x5::kOut : F4x3::kOut;
+  s = Shape{xd[0],    xd[1],    xd[2], xd[3], yd[1], yd[2], yd[3], pad_top,
+            pad_left, (yd[1] + out - 1) / out, (yd[2] + out - 1) / out};
+  return true;
+}
+
+template <typename F, typename T>
+void Convolve(ffi::ThreadPool& pool, const T* xp, const T* w, const Shape& s, T* yp) {
+  std::vector<T> u(kPoints * kPoints * s.c * s.o);
+  TransformKernel<F>(w, s, u.data());
+  const int64_t tiles = s.n * s.th * s.tw, blocks = (tiles + kTiles - 1) / kTiles;
+  const int64_t chunks = std::min<int64_t>(blocks, 16);
+  const T* up = u.data();
+  anodev2::RunChunks(pool, chunks, [=](int64_t k) {
+    const int64_t b0 = blocks * k / chunks, b1 = blocks * (k + 1) / chunks;
+    Chunk<F>(xp, up, s, b0 * kTiles, std::min(b1 * kTiles, tiles), yp);
+  });
 }
 
 template <ffi::DataType DT>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
                    ffi::ResultBuffer<DT> y, int64_t pad_top, int64_t pad_left, int64_t stride) {
   using T = ffi::NativeType<DT>;
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  constexpr int64_t L = 64 / sizeof(T);
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
-      wd[0] != kTaps || wd[1] != kTaps || wd[2] != xd[3] || yd[3] != wd[3] || xd[3] % L != 0 ||
-      yd[3] % L != 0 || pad_top < 0 || pad_left < 0 || stride != 1) {
+  Shape s;
+  if (!MakeShape<T>(x.dimensions(), w.dimensions(), y->dimensions(), pad_top, pad_left, stride,
+                    64 / sizeof(T), s))
     return ffi::Error::InvalidArgument("anodev2 winograd: inconsistent shapes");
-  }
-  const Shape s{xd[0],   xd[1],    xd[2],          xd[3],          yd[1], yd[2], yd[3],
-                pad_top, pad_left, (yd[1] + 1) / 2, (yd[2] + 1) / 2};
-  std::vector<T> u(kPoints * kPoints * s.c * s.o);
-  TransformKernel(w.typed_data(), s, u.data());
-  const int64_t blocks = (s.n * s.th * s.tw + kTiles - 1) / kTiles;
-  const int64_t chunks = std::min<int64_t>(blocks, 16);
-  const T* xp = x.typed_data();
-  const T* up = u.data();
-  T* yp = y->typed_data();
-  const int64_t tiles = s.n * s.th * s.tw;
-  anodev2::RunChunks(pool, chunks, [=](int64_t k) {
-    const int64_t b0 = blocks * k / chunks, b1 = blocks * (k + 1) / chunks;
-    Chunk(xp, up, s, b0 * kTiles, std::min(b1 * kTiles, tiles), yp);
-  });
+  (w.dimensions()[0] == 5 ? Convolve<F2x5, T> : Convolve<F4x3, T>)(
+      pool, x.typed_data(), w.typed_data(), s, y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -255,26 +288,26 @@ constexpr int kFlush = 4;  // blocks summed in T before their sum is added to th
 
 // e[p, t, o0 : o0 + lanes] = (A dY A^T)[p] for tile `tile`'s 2x2 outputs dY of g (zero beyond
 // the output), one vector of output channels.
-template <typename T>
+template <typename F, typename T>
 void TransformGradient(const T* g, const Shape& s, int64_t tile, int64_t t, int64_t o0, T* e) {
   typedef T V __attribute__((vector_size(64)));
   const int64_t n = tile / (s.th * s.tw), a = tile / s.tw % s.th, b = tile % s.tw;
-  V dy[kOut][kOut];
-  for (int r = 0; r < kOut; ++r)
-    for (int q = 0; q < kOut; ++q) {
-      const int64_t yr = 2 * a + r, yc = 2 * b + q;
+  V dy[F::kOut][F::kOut];
+  for (int r = 0; r < F::kOut; ++r)
+    for (int q = 0; q < F::kOut; ++q) {
+      const int64_t yr = F::kOut * a + r, yc = F::kOut * b + q;
       if (yr >= s.ho || yc >= s.wo)
         dy[r][q] = V{};
       else
         std::memcpy(&dy[r][q], g + ((n * s.ho + yr) * s.wo + yc) * s.o + o0, sizeof(V));
     }
-  V half[kPoints][kOut];  // (A dY)[p, q]
+  V half[kPoints][F::kOut];  // (A dY)[p, q]
 #pragma GCC unroll 6
   for (int p = 0; p < kPoints; ++p)
-    for (int q = 0; q < kOut; ++q) {
+    for (int q = 0; q < F::kOut; ++q) {
       V sum{};
-      for (int r = 0; r < kOut; ++r)
-        if (kAT[r][p] != 0) sum += T(kAT[r][p]) * dy[r][q];
+      for (int r = 0; r < F::kOut; ++r)
+        if (F::kAT[r][p] != 0) sum += T(F::kAT[r][p]) * dy[r][q];
       half[p][q] = sum;
     }
 #pragma GCC unroll 6
@@ -282,8 +315,8 @@ void TransformGradient(const T* g, const Shape& s, int64_t tile, int64_t t, int6
 #pragma GCC unroll 6
     for (int u = 0; u < kPoints; ++u) {
       V sum{};
-      for (int q = 0; q < kOut; ++q)
-        if (kAT[q][u] != 0) sum += T(kAT[q][u]) * half[p][q];
+      for (int q = 0; q < F::kOut; ++q)
+        if (F::kAT[q][u] != 0) sum += T(F::kAT[q][u]) * half[p][q];
       std::memcpy(e + ((p * kPoints + u) * kGradTiles + t) * s.o + o0, &sum, sizeof(V));
     }
 }
@@ -319,7 +352,7 @@ void AccumulatePoint(const T* v, const T* e, const Shape& s, int64_t o0, T* du) 
 }
 
 // Adds the tiles [t0, t1)'s share of dU (36, C, O) to du.
-template <typename T>
+template <typename F, typename T>
 void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, double* du) {
   constexpr int64_t L = 64 / sizeof(T);
   const int64_t points = kPoints * kPoints, vectors = s.o / L;
@@ -334,8 +367,8 @@ void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, d
     }
     for (int64_t t = 0; t < count; ++t) {
       for (int64_t c0 = 0; c0 < s.c; c0 += L)
-        TransformPatch(x, s, block + t, t, c0, kGradTiles, v.data());
-      for (int64_t o0 = 0; o0 < s.o; o0 += L) TransformGradient(g, s, block + t, t, o0, e.data());
+        TransformPatch<F>(x, s, block + t, t, c0, kGradTiles, v.data());
+      for (int64_t o0 = 0; o0 < s.o; o0 += L) TransformGradient<F>(g, s, block + t, t, o0, e.data());
     }
     for (int64_t p = 0; p < points; ++p) {
       const T* vp = v.data() + p * kGradTiles * s.c;
@@ -365,54 +398,53 @@ void GradChunk(const T* x, const T* g, const Shape& s, int64_t t0, int64_t t1, d
   }
 }
 
-template <ffi::DataType DT>
-ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g,
-                      ffi::ResultBuffer<DT> dw, int64_t pad_top, int64_t pad_left,
-                      int64_t stride) {
-  using T = ffi::NativeType<DT>;
-  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
-  constexpr int64_t L = 64 / sizeof(T);
-  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] ||
-      wd[0] != kTaps || wd[1] != kTaps || wd[2] != xd[3] || wd[3] != gd[3] || xd[3] % 16 != 0 ||
-      gd[3] % L != 0 || pad_top < 0 || pad_left < 0 || stride != 1) {
-    return ffi::Error::InvalidArgument("anodev2 winograd kernel_grad: inconsistent shapes");
-  }
-  const Shape s{xd[0],   xd[1],    xd[2],          xd[3],          gd[1], gd[2], gd[3],
-                pad_top, pad_left, (gd[1] + 1) / 2, (gd[2] + 1) / 2};
+template <typename F, typename T>
+void GradKernel(ffi::ThreadPool& pool, const T* xp, const T* gp, const Shape& s, T* dw) {
   const int64_t tiles = s.n * s.th * s.tw, size = kPoints * kPoints * s.c * s.o;
   const int64_t blocks = (tiles + kGradTiles - 1) / kGradTiles;
   const int64_t chunks = std::min<int64_t>(blocks, 4);  // few: each has a double partial
   std::vector<double> partials(chunks * size, 0.0);
-  const T* xp = x.typed_data();
-  const T* gp = g.typed_data();
   double* pp = partials.data();
   anodev2::RunChunks(pool, chunks, [=](int64_t k) {
     const int64_t b0 = blocks * k / chunks, b1 = blocks * (k + 1) / chunks;
-    GradChunk(xp, gp, s, b0 * kGradTiles, std::min(b1 * kGradTiles, tiles), pp + k * size);
+    GradChunk<F>(xp, gp, s, b0 * kGradTiles, std::min(b1 * kGradTiles, tiles), pp + k * size);
   });
   for (int64_t k = 1; k < chunks; ++k)  // in chunk order: deterministic
     for (int64_t i = 0; i < size; ++i) pp[i] += pp[k * size + i];
   // dw[i, j] = sum_{a, b} G[a, i] G[b, j] dU[a, b], in double
   const int64_t co = s.c * s.o;
-  std::vector<double> half(kTaps * kPoints * co, 0.0), full(kTaps * kTaps * co, 0.0);
-  for (int i = 0; i < kTaps; ++i)
+  std::vector<double> half(F::kTaps * kPoints * co, 0.0), full(F::kTaps * F::kTaps * co, 0.0);
+  for (int i = 0; i < F::kTaps; ++i)
     for (int a = 0; a < kPoints; ++a) {
-      if (kG[a][i] == 0) continue;
+      if (F::kG[a][i] == 0) continue;
       for (int b = 0; b < kPoints; ++b) {
         double* dst = half.data() + (i * kPoints + b) * co;
         const double* src = pp + (a * kPoints + b) * co;
-        for (int64_t e = 0; e < co; ++e) dst[e] += kG[a][i] * src[e];
+        for (int64_t e = 0; e < co; ++e) dst[e] += F::kG[a][i] * src[e];
       }
     }
-  for (int i = 0; i < kTaps; ++i)
-    for (int j = 0; j < kTaps; ++j)
+  for (int i = 0; i < F::kTaps; ++i)
+    for (int j = 0; j < F::kTaps; ++j)
       for (int b = 0; b < kPoints; ++b) {
-        if (kG[b][j] == 0) continue;
-        double* dst = full.data() + (i * kTaps + j) * co;
+        if (F::kG[b][j] == 0) continue;
+        double* dst = full.data() + (i * F::kTaps + j) * co;
         const double* src = half.data() + (i * kPoints + b) * co;
-        for (int64_t e = 0; e < co; ++e) dst[e] += kG[b][j] * src[e];
+        for (int64_t e = 0; e < co; ++e) dst[e] += F::kG[b][j] * src[e];
       }
-  std::copy(full.begin(), full.end(), dw->typed_data());  // rounded to T
+  std::copy(full.begin(), full.end(), dw);  // rounded to T
+}
+
+template <ffi::DataType DT>
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g,
+                      ffi::ResultBuffer<DT> dw, int64_t pad_top, int64_t pad_left,
+                      int64_t stride) {
+  using T = ffi::NativeType<DT>;
+  Shape s;
+  if (!MakeShape<T>(x.dimensions(), dw->dimensions(), g.dimensions(), pad_top, pad_left,
+                    stride, 16, s))
+    return ffi::Error::InvalidArgument("anodev2 winograd kernel_grad: inconsistent shapes");
+  (dw->dimensions()[0] == 5 ? GradKernel<F2x5, T> : GradKernel<F4x3, T>)(
+      pool, x.typed_data(), g.typed_data(), s, dw->typed_data());
   return ffi::Error::Success();
 }
 
