@@ -1,5 +1,5 @@
-"""C++ convolution kernels for the CPU, as XLA FFI calls: the convolution
-(``csrc/conv_forward.cc``), the 5×5 stride-1 one by Winograd's F(2×2, 5×5)
+"""C++ kernels for the CPU, as XLA FFI calls: the convolution (``csrc/conv_forward.cc``),
+the 5×5 and 3×3 stride-1 ones by Winograd's F(2×2, 5×5) and F(4×4, 3×3)
 (``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``); the gradient of
 the max pool (``csrc/max_pool.cc``); training-mode BatchNorm with an optional ReLU, and its
 gradient (``csrc/batch_norm.cc``).
@@ -190,6 +190,14 @@ def batch_norm_grad(
 _available: bool | None = None  # None: not tried yet
 
 
+def available() -> bool:
+    """Whether the kernel is built and registered (builds it on the first call)."""
+    global _available
+    if _available is None:
+        _available = _build_and_register()
+    return _available
+
+
 def applies(impl: str, x: jax.Array) -> bool:
     """Whether an op given a conv impl (``conv.IMPLS``) runs its C++ kernel on x: impl
     "cpu", "cpu_paired", or "auto" on the CPU; x float32 or float64 on the CPU backend; and
@@ -200,22 +208,14 @@ def applies(impl: str, x: jax.Array) -> bool:
     return on_cpu and available()
 
 
-def available() -> bool:
-    """Whether the kernel is built and registered (builds it on the first call)."""
-    global _available
-    if _available is None:
-        _available = _build_and_register()
-    return _available
-
-
 def _build_and_register() -> bool:
     try:
         library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(
-            f"anodev2_jax: the C++ convolution kernels could not be built "
-            f"({detail.strip()[:500]}); conv2d(impl='cpu') uses XLA's formulations instead",
+            f"anodev2_jax: the C++ kernels could not be built ({detail.strip()[:500]}); "
+            "conv_impl='cpu' (convolution, BatchNorm, max pool) uses XLA's formulations instead",
             RuntimeWarning,
             stacklevel=3,
         )
