@@ -202,10 +202,9 @@ def applies(impl: str, x: jax.Array) -> bool:
     """Whether an op given a conv impl (``conv.IMPLS``) runs its C++ kernel on x: impl
     "cpu", "cpu_paired", or "auto" on the CPU; x float32 or float64 on the CPU backend; and
     the kernels :func:`available`."""
-    if impl == "xla" or (impl == "auto" and jax.default_backend() != "cpu"):
+    if impl == "xla" or jax.default_backend() != "cpu":
         return False
-    on_cpu = jnp.dtype(x.dtype) in _SUFFIX and jax.default_backend() == "cpu"
-    return on_cpu and available()
+    return jnp.dtype(x.dtype) in _SUFFIX and available()
 
 
 def _build_and_register() -> bool:

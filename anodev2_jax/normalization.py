@@ -187,18 +187,8 @@ def _batch_norm_native_vjp(
     )
 
 
-def _batch_norm_native_vjp_fwd(
-    x: Array,
-    scale: Array,
-    bias: Array,
-    moments: dict[str, Array],
-    g: Array,
-    dmoments: dict[str, Array],
-    epsilon: float,
-    relu: bool,
-) -> tuple[tuple[Array, Array, Array], tuple[Any, ...]]:
-    out = _batch_norm_native_vjp(x, scale, bias, moments, g, dmoments, epsilon, relu)
-    return out, (x, scale, bias, moments, g, dmoments)
+def _batch_norm_native_vjp_fwd(*args: Any) -> tuple[tuple[Array, Array, Array], tuple[Any, ...]]:
+    return _batch_norm_native_vjp(*args), args[:6]  # residuals: the differentiable inputs
 
 
 def _batch_norm_native_vjp_bwd(
