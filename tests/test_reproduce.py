@@ -15,6 +15,7 @@ import tiny_protocol
 
 from anodev2_jax import figures, models, paper, reproduce, seeds, training
 from configs import alexnet, resnet4, resnet10
+from configs.protocols import alexnet as alexnet_protocol
 from configs.protocols import cpu
 from configs.protocols import paper as paper_protocol
 
@@ -188,6 +189,13 @@ def test_the_protocols_load_and_validate():
         assert cell.config.num_seeds == 5 and cell.config.data_source == "auto"
         # the node remedy (README): only node's cells clip the gradient
         assert cell.config.grad_clip_norm == (1.0 if cell.variant == "node" else None)
+    cells = reproduce.make_cells(alexnet_protocol.get_config(), model_configs(), "runs/alexnet")
+    assert [c.name for c in cells][:2] == ["alexnet-baseline", "alexnet-anodev2_conf1"]
+    for cell in cells:  # the paper's AlexNet protocol, on the lossless copy
+        config = cell.config
+        assert (config.num_epochs, tuple(config.lr_decay_epochs)) == (120, (40, 80, 100))
+        assert (config.batch_size, config.learning_rate, config.weight_decay) == (256, 0.1, 5e-4)
+        assert (config.num_seeds, config.data_source) == (2, "lossless")
 
 
 def test_the_command_rewrites_the_report_from_a_protocol_file(harness, tmp_path):
