@@ -7,12 +7,12 @@
 the first evolved kernel of the first ODE block (or --block, --kernel) of seed --seed_index of
 the run, at every weight step of the trained block, with the learned d, v, ρ in the caption.
 --figure=accuracy: the test accuracy per epoch of every run in a reproduce.py workdir, the mean
-over seeds as a line and the min–max band, one colour per variant (anodev2_jax/figures.py).
+over seeds as a line and the min–max band, one colour per variant (anodev2_jax/training/figures.py).
 """
 
 from absl import app, flags, logging
 
-from anodev2_jax import figures
+from anodev2_jax.training import figures
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("figure", "kernel", ["kernel", "accuracy"], "Which figure to draw.")

@@ -9,7 +9,7 @@
 --set FIELD=VALUE (repeatable) sets a training config field of every cell (configs/default.py),
 e.g. --set seed_batching=vmap. Finished cells are skipped and interrupted ones resume, so
 rerunning the same command continues a run; Ctrl-C checkpoints the running cell. The tables
-go to WORKDIR/results.md and WORKDIR/results.json (see anodev2_jax/reproduce.py).
+go to WORKDIR/results.md and WORKDIR/results.json (see anodev2_jax/training/reproduce.py).
 """
 
 import ast
@@ -21,8 +21,9 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from anodev2_jax import host_malloc, models
-from anodev2_jax import reproduce as reproduce_lib
+from anodev2_jax.cpu import host_malloc
+from anodev2_jax.nn import models
+from anodev2_jax.training import reproduce as reproduce_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("protocol", None, "cpu | paper | path/to/protocol.py")

@@ -14,7 +14,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from anodev2_jax import host_malloc, training
+from anodev2_jax import training
+from anodev2_jax.cpu import host_malloc
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)

@@ -1,6 +1,5 @@
 """ANODEV2 in JAX: coupled neural ODEs whose conv weights evolve by an RDA PDE."""
 
-from anodev2_jax.adjoint import KKTResult, kkt_gradients
 from anodev2_jax.coupling import (
     Coupling,
     Dirac,
@@ -12,6 +11,7 @@ from anodev2_jax.coupling import (
     make_coupling,
 )
 from anodev2_jax.evolution import MLP, RDA, Evolution, Linear, Zero
+from anodev2_jax.kkt import KKTResult, kkt_gradients
 from anodev2_jax.solve import Plan, Trajectory, coupled_solve, make_plan, vector_field
 from anodev2_jax.stepping import euler, rk2, rk4
 

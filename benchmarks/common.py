@@ -26,9 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from anodev2_jax import conv as conv_lib
-from anodev2_jax import data as data_lib
-from anodev2_jax import host_malloc, models, native, parallel, training
+from anodev2_jax import training
+from anodev2_jax.cpu import host_malloc, native
+from anodev2_jax.nn import conv as conv_lib
+from anodev2_jax.nn import models
+from anodev2_jax.training import data as data_lib
+from anodev2_jax.training import parallel
 
 BENCH_MODELS = ("resnet4", "resnet10", "alexnet")
 BENCH_VARIANTS = ("baseline", "anode", "anodev2_conf1", "anodev2_conf2")
@@ -83,7 +86,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--conv_impl",
         type=name_list(conv_lib.IMPLS, "conv impl"),
         default=["xla"],
-        help="comma-separated anodev2_jax.conv.IMPLS to compare; now: " + ",".join(conv_lib.IMPLS),
+        help="comma-separated anodev2_jax.nn.conv.IMPLS to compare; now: "
+        + ",".join(conv_lib.IMPLS),
     )
     parser.add_argument("--batch_size", type=int, default=128)
     add_cpu_malloc_arg(parser)
@@ -105,7 +109,7 @@ def add_cpu_malloc_arg(parser: argparse.ArgumentParser) -> None:
         "--cpu_malloc",
         choices=host_malloc.MODES,
         default="auto",
-        help="malloc settings of this process (anodev2_jax.host_malloc; train.py's default)",
+        help="malloc settings of this process (anodev2_jax.cpu.host_malloc; train.py's default)",
     )
 
 

@@ -7,7 +7,7 @@ Every row is one convolution of the models at batch 128 in float32. Each formula
 pass is one jitted function, checked against XLA's own result (``err``: max |a − b| / max |b|)
 and timed round-robin with the other formulations of its row, so that the load of the shared
 machine hits them alike: compare within a row only. Times are the median of ``--reps`` calls
-after ``--warmup``. Formulations (``anodev2_jax.conv``):
+after ``--warmup``. Formulations (``anodev2_jax.nn.conv``):
 
 - ``xla``: autodiff of ``lax.conv_general_dilated`` (the input/kernel gradient alone, by jax.vjp);
 - ``cpu``, ``cpu_paired``: what ``conv2d`` runs with that impl (the kernel gradient behind
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from anodev2_jax import conv as conv_lib
+from anodev2_jax.nn import conv as conv_lib
 from benchmarks import common
 
 # name: (spatial size, Cin, Cout, kernel, stride, padding) as the models call conv2d

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from anodev2_jax import RDA, Zero, coupled_solve, models, training
-from anodev2_jax import data as data_lib
+from anodev2_jax import RDA, Zero, coupled_solve, training
+from anodev2_jax.nn import models
+from anodev2_jax.training import data as data_lib
 from configs import resnet4
 
 PyTree = Any

@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from anodev2_jax import gradient_choice
+from anodev2_jax import gradients as gradient_choice
 from benchmarks import common
 
 GRADIENTS = ("dto", "backprop", "auto")

@@ -1,4 +1,4 @@
-"""What the malloc settings of ``anodev2_jax.host_malloc`` change in a training step.
+"""What the malloc settings of ``anodev2_jax.cpu.host_malloc`` change in a training step.
 
     .venv/bin/python -m benchmarks.host_malloc --models resnet4,resnet10 \\
         --variants anode,anodev2_conf1 --conv_impl cpu --json malloc.json

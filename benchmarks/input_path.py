@@ -5,10 +5,10 @@
 
 For each model × variant (default ResNet-4 baseline), ``--steps`` training steps of batch
 ``--batch_size`` on a CIFAR-10-sized random uint8 training set (``--num_train`` images), run as
-``training.train_and_evaluate`` runs them (``anodev2_jax.input_pipeline``): the dispatches of
-:func:`~anodev2_jax.input_pipeline.dispatch_lengths` from the start of an epoch, and at every
-log boundary (every ``--log_every_steps``) the metrics fetched to the host, which waits for
-them. The pipelines:
+``training.train_and_evaluate`` runs them (``anodev2_jax.training.input_pipeline``): the
+dispatches of :func:`~anodev2_jax.training.input_pipeline.dispatch_lengths` from the start of an
+epoch, and at every log boundary (every ``--log_every_steps``) the metrics fetched to the
+host, which waits for them. The pipelines:
 
 - ``host``: one dispatch per step, each batch indexed by numpy and copied to the device;
 - ``device K=…``: the training set on the device, up to K steps per dispatch in a jitted scan,
@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anodev2_jax import conv as conv_lib
-from anodev2_jax import data, input_pipeline, models, parallel, training
+from anodev2_jax import training
+from anodev2_jax.nn import conv as conv_lib
+from anodev2_jax.nn import models
+from anodev2_jax.training import data, input_pipeline, parallel
 from benchmarks import common
 
 

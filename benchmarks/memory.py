@@ -32,8 +32,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from anodev2_jax import data as data_lib
 from anodev2_jax import solve as solve_lib
+from anodev2_jax.training import data as data_lib
 from benchmarks import common
 
 MIB = common.MIB

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anodev2_jax import data as data_lib
-from anodev2_jax import models, training
+from anodev2_jax import training
+from anodev2_jax.nn import models
+from anodev2_jax.training import data as data_lib
 from configs import resnet4
 
 

@@ -32,8 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from anodev2_jax import conv as conv_lib
-from anodev2_jax import parallel, seeds, training
+from anodev2_jax import training
+from anodev2_jax.nn import conv as conv_lib
+from anodev2_jax.training import parallel, seeds
 from benchmarks import common
 
 STRATEGIES = ("separate", "loop", "map", "vmap")

@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from anodev2_jax import models
+from anodev2_jax.nn import models
 from benchmarks import common
 
 

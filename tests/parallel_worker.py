@@ -17,7 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from anodev2_jax import data, input_pipeline, parallel, training
+from anodev2_jax import training
+from anodev2_jax.training import data, input_pipeline, parallel
 from configs import resnet4
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")

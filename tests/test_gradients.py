@@ -34,7 +34,7 @@ from anodev2_jax import (
     make_plan,
     stepping,
 )
-from anodev2_jax.adjoint import KKTResult, kkt_gradients
+from anodev2_jax.kkt import KKTResult, kkt_gradients
 
 pytestmark = pytest.mark.gradients
 

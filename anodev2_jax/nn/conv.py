@@ -10,7 +10,7 @@ formulation; the choices are:
 - convolutions with whole vectors of outputs (Cout a multiple of 16 float32 or 8 float64),
   any kernel and stride but 1×1 at stride 1 (a matmul, XLA's), forward and as the input
   gradient below: a C++ kernel (``csrc/conv_forward.cc``, an XLA FFI call built on first
-  use by :mod:`anodev2_jax.native`) that splits the output rows between the call's thread
+  use by :mod:`anodev2_jax.cpu.native`) that splits the output rows between the call's thread
   and XLA's pool and accumulates tiles of pixels × output vectors in registers. XLA:CPU
   gives convolutions with more than 16 channels to YNNPACK on one thread and 16-channel ones
   to Eigen, both slower on 2 cores (BENCHMARKS.md §1). Those at stride 1 that are 5×5
@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from anodev2_jax import native
+from anodev2_jax.cpu import native
 
 IMPLS = ("xla", "cpu", "cpu_paired", "auto")
 # kernel size -> the C_in (and its multiples) from which impl="cpu" convolves by Winograd
@@ -159,7 +159,7 @@ def _native_conv_applies(x: jax.Array, cout: int) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_native(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Array:
-    """The convolution by a C++ kernel (anodev2_jax.native), differentiable: its gradient
+    """The convolution by a C++ kernel (anodev2_jax.cpu.native), differentiable: its gradient
     is XLA's (this is what the gradients of impl="cpu" differentiate to)."""
     if _winograd_applies(x, w.shape, stride):
         return native.winograd(x, w, pads)
@@ -294,7 +294,7 @@ def _native_applies(x: jax.Array, kernel_shape: tuple[int, ...]) -> bool:
 def _kernel_grad_native(
     x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int, pads: Pads
 ) -> jax.Array:
-    """The kernel gradient by a C++ kernel (anodev2_jax.native), differentiable: its own
+    """The kernel gradient by a C++ kernel (anodev2_jax.cpu.native), differentiable: its own
     gradient is that of :func:`kernel_grad`, the same linear map."""
     before = (pads[0][0], pads[1][0])
     if _winograd_applies(x, kernel_shape, stride):

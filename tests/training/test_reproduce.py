@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import tiny_protocol
 
-from anodev2_jax import figures, models, paper, reproduce, seeds, training
+from anodev2_jax import training
+from anodev2_jax.nn import models
+from anodev2_jax.training import figures, paper, reproduce, seeds
 from configs import alexnet, resnet4, resnet10
 from configs.protocols import alexnet as alexnet_protocol
 from configs.protocols import cpu
 from configs.protocols import paper as paper_protocol
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 MODEL_CONFIGS = {"alexnet": alexnet, "resnet4": resnet4, "resnet10": resnet10}
 
 

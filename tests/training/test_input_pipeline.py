@@ -13,13 +13,14 @@ import pytest
 from conftest import tree_allclose, tree_relative_error
 from test_training import restore, tiny_config
 
-from anodev2_jax import input_pipeline, training
+from anodev2_jax import training
+from anodev2_jax.training import input_pipeline
 
 
 def config(**overrides):
     """The tiny run with the CPU's own convolution, with which the device pipeline is
-    bit-identical to the host one on XLA:CPU (see anodev2_jax.input_pipeline), logging every
-    4 steps: each 6-step epoch logs at its steps 4 and 6."""
+    bit-identical to the host one on XLA:CPU (see anodev2_jax.training.input_pipeline), logging
+    every 4 steps: each 6-step epoch logs at its steps 4 and 6."""
     return tiny_config(conv_impl="cpu", log_every_steps=4, **overrides)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import tree_allclose, tree_relative_error
 
-from anodev2_jax import data, parallel, seeds, training
+from anodev2_jax import training
+from anodev2_jax.training import data, parallel, seeds
 from configs import resnet4
 
 
@@ -156,7 +157,7 @@ def test_config_errors_name_the_field_before_compiling(tmp_path, overrides, mess
     assert not (tmp_path / "checkpoints").exists()
 
 
-LEGACY_RUN = Path(__file__).parents[1] / "benchmarks" / "checkpoints" / "resnet4-anode-1epoch"
+LEGACY_RUN = Path(__file__).parents[2] / "benchmarks" / "checkpoints" / "resnet4-anode-1epoch"
 
 
 def test_a_checkpoint_with_shared_ode_statistics_is_converted_with_a_warning():

@@ -21,10 +21,11 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tree_relative_error
 
-from anodev2_jax import parallel, training
+from anodev2_jax import training
+from anodev2_jax.training import parallel
 from configs import resnet4
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # ResNet-4 ANODE, 4 steps of a global batch of 8: each of 4 devices holds 2 rows.
 CONFIG = dict(
     variant="anode",

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from anodev2_jax import native
+from anodev2_jax.cpu import native
 
 PyTree = Any
 Array = jax.Array

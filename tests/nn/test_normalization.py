@@ -11,8 +11,10 @@ from conftest import tree_allclose, tree_relative_error
 from jax.test_util import check_grads
 from test_models import normal
 
-from anodev2_jax import RDA, models, native
-from anodev2_jax import normalization as norm_lib
+from anodev2_jax import RDA
+from anodev2_jax.cpu import native
+from anodev2_jax.nn import models
+from anodev2_jax.nn import normalization as norm_lib
 
 
 def test_training_batch_norm_gradient_is_autodiff_of_its_formula():

@@ -10,7 +10,7 @@ them its kernels as w, the evolution parameters as p and its BatchNorm scale/off
 AlexNet's conv bias) as args. In training each of a block's E = Nz·stages f evaluations is
 normalized with its own batch moments, and each keeps its own running mean and variance
 (batch_stats of shape (E, C), updated once per call from the forward pass); in evaluation,
-evaluation k uses row k (SPEC §5, :mod:`anodev2_jax.normalization`). Scale and offset are
+evaluation k uses row k (SPEC §5, :mod:`anodev2_jax.nn.normalization`). Scale and offset are
 shared by the evaluations (as in ANODE) or, with ``norm_params="per_evaluation"``, one per
 evaluation.
 
@@ -31,14 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anodev2_jax import conv as conv_lib
 from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import evolution as evolution_lib
-from anodev2_jax import native
-from anodev2_jax import normalization as norm_lib
 from anodev2_jax import solve as solve_lib
-from anodev2_jax.conv import conv2d
-from anodev2_jax.normalization import batch_norm
+from anodev2_jax.cpu import native
+from anodev2_jax.nn import conv as conv_lib
+from anodev2_jax.nn import normalization as norm_lib
+from anodev2_jax.nn.conv import conv2d
+from anodev2_jax.nn.normalization import batch_norm
 
 PyTree = Any
 Array = jax.Array
@@ -69,7 +69,7 @@ class ODEConfig:
     learned with the block's). ``gradient``: "dto", "backprop" (both exact), "otd" (the
     adjoint) or "auto": per block, what ``block_gradients`` ((block name, "backprop" |
     "dto") pairs) says, "dto" for a block it does not name; the trainer fills it in from the
-    compiled train step's memory (:mod:`anodev2_jax.gradient_choice`). Validated on
+    compiled train step's memory (:mod:`anodev2_jax.gradients`). Validated on
     construction (``make_plan``, the coupling's grid), so a bad combination fails before any
     tracing.
     """
@@ -117,7 +117,7 @@ class ODEConfig:
     def gradient_of(self, block: str) -> str:
         """The gradient block ``block`` uses: ``gradient``, or with "auto" the choice in
         ``block_gradients`` (made by the trainer from the train step's memory,
-        :mod:`anodev2_jax.gradient_choice`), "dto" where none was made."""
+        :mod:`anodev2_jax.gradients`), "dto" where none was made."""
         if self.gradient != "auto":
             return self.gradient
         return dict(self.block_gradients).get(block, "dto")
@@ -498,7 +498,7 @@ def _check_images(x: Array, dtype: Any) -> Array:
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(
             f"images of dtype {jnp.result_type(x)}; pass normalized float images "
-            "(anodev2_jax.data.normalize)"
+            "(anodev2_jax.training.data.normalize)"
         )
     return jnp.asarray(x, dtype)
 

@@ -27,9 +27,11 @@ import ml_collections
 import numpy as np
 
 from anodev2_jax import evolution as evolution_lib
-from anodev2_jax import models, paper, training
-from anodev2_jax import seeds as seeds_lib
 from anodev2_jax import solve as solve_lib
+from anodev2_jax import training
+from anodev2_jax.nn import models
+from anodev2_jax.training import paper
+from anodev2_jax.training import seeds as seeds_lib
 
 PyTree = Any
 
@@ -192,7 +194,7 @@ def accuracy_curve(workdir: str | os.PathLike) -> AccuracyCurve:
 
 def accuracy_curves(root: str | os.PathLike) -> list[AccuracyCurve]:
     """The curves of every run directly under ``root`` (a reproduce.py workdir) that has a
-    test record, in the order of :data:`anodev2_jax.models.VARIANTS` within each model."""
+    test record, in the order of :data:`anodev2_jax.nn.models.VARIANTS` within each model."""
     runs = [
         path
         for path in sorted(Path(root).iterdir())

@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from anodev2_jax import figures, models, paper, training
-from anodev2_jax import seeds as seeds_lib
+from anodev2_jax import training
+from anodev2_jax.nn import models
+from anodev2_jax.training import figures, paper
+from anodev2_jax.training import seeds as seeds_lib
 
 # Config fields that change how a cell runs but not what it computes (up to summation order):
 # a finished or started cell may differ from the protocol in these.

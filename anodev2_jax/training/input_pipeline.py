@@ -3,7 +3,7 @@
 - ``"host"``: every step, numpy takes the batch's rows of the host dataset, they are copied
   to the devices and the train step is dispatched: one dispatch per step.
 - ``"device"``: the uint8 training set is placed on the devices once; every epoch its order
-  (:func:`anodev2_jax.data.epoch_batches`, the host path's, so both see the same batches)
+  (:func:`anodev2_jax.training.data.epoch_batches`, the host path's, so both see the same batches)
   goes to the devices once, and one dispatch runs up to ``steps_per_dispatch`` train steps
   in a jitted ``lax.scan`` that gathers each step's batch on the device. Nothing
   differentiates through the scan, so the slow scanned backward pass of XLA:CPU does not
@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from anodev2_jax import parallel
+from anodev2_jax.training import parallel
 
 PIPELINES = ("auto", "host", "device")
 

@@ -7,14 +7,14 @@ import textwrap
 import jax
 import pytest
 
-from anodev2_jax import host_malloc
+from anodev2_jax.cpu import host_malloc
 
 # A jitted program whose temporary buffer (~200 MiB) is far above glibc's 64 MiB arena limit;
 # prints whether it ran tuned and the median of the minor page faults of 10 calls after 10.
 FAULTS_PER_CALL = textwrap.dedent(
     """
     import resource, statistics, sys
-    from anodev2_jax import host_malloc
+    from anodev2_jax.cpu import host_malloc
     host_malloc.restart_tuned(sys.argv[1])
     import jax, jax.numpy as jnp
 

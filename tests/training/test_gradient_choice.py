@@ -8,7 +8,9 @@ import pytest
 from conftest import tree_relative_error
 from test_training import tiny_config
 
-from anodev2_jax import data, gradient_choice, parallel, training
+from anodev2_jax import gradients as gradient_choice
+from anodev2_jax import training
+from anodev2_jax.training import data, parallel
 
 SIZES = {"a": 40, "b": 30, "c": 10}  # block -> bytes its backprop adds (largest first)
 
