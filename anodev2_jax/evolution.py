@@ -1,4 +1,4 @@
-"""Evolution operators q(w; p) for the weights, and their one-step maps Φ_δ (SPEC §3).
+"""Evolution operators q(w; p) for the weights, and their one-step maps Φ_δ (docs/math.md §3).
 
 Every operator has one interface, so that the coupled solver and diffrax take any of them:
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anodev2_jax import stepping
+from anodev2_jax import backend, stepping
 
 PyTree = Any
 Array = jax.Array
@@ -159,7 +159,6 @@ def _softplus_inverse(x: float) -> float:
 
 
 RDA_TRANSFORMS = ("auto", "fft", "matrix")
-_MATRIX_MAX_TAPS = 64  # "auto": kernels up to 8x8 apply the DFT as a matrix
 
 
 @functools.cache
@@ -186,9 +185,9 @@ class RDA(Evolution):
 
     ``transform``: how the symbol is applied. "fft": ``jnp.fft.fft2``/``ifft2``. "matrix": the
     same DFT as one real (kh·kw, kh·kw) operator Re(F⁻¹ diag(symbol) F) per multiplier,
-    applied by a matmul; equal to rounding, and faster for small kernels (XLA:CPU's FFTs took
-    37 ms of AlexNet conf2's 440 ms train step, BENCHMARKS.md). "auto" (default): "matrix"
-    for kernels of at most 64 taps, else "fft".
+    applied by a matmul; equal to rounding, and on XLA:CPU faster than its FFTs for small
+    kernels (BENCHMARKS.md §4). "auto" (default): "matrix" for kernels of at most 64 taps
+    with the CPU speed-ups, else "fft" (:func:`anodev2_jax.backend.rda_transform`).
     """
 
     activation: str = "tanh"
@@ -231,7 +230,7 @@ class RDA(Evolution):
     def _apply_symbol(self, multiplier: Array, w: Array) -> Array:
         """Re IFFT2[multiplier · FFT2(w)] over w's two spatial axes; multiplier (kh, kw, 1, C)."""
         kh, kw = w.shape[:2]
-        if self.transform == "fft" or (self.transform == "auto" and kh * kw > _MATRIX_MAX_TAPS):
+        if backend.rda_transform(self.transform, kh * kw) == "fft":
             w_hat = jnp.fft.fft2(w, axes=(0, 1))
             return jnp.fft.ifft2(multiplier * w_hat, axes=(0, 1)).real.astype(w.dtype)
         # R[c, p, q] = Re Σ_k conj(F[k, p]) m[k, c] F[k, q] / (kh·kw), F[k, q] = exp(-i θ[k, q])

@@ -1,4 +1,4 @@
-"""The discrete KKT conditions of SPEC §4 (paper eq. 2.5a-e, any kernel K, DTO), from per-step VJPs.
+"""The discrete KKT conditions (docs/math.md §6, paper eq. 2.5a-e), from per-step VJPs.
 
 Given a_Nz = ∂J/∂z_Nz, :func:`kkt_gradients` runs the adjoint recursion backwards through the
 discrete map that :func:`anodev2_jax.coupled_solve` computes, with the sign chosen so that
@@ -49,6 +49,7 @@ from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import evolution as evolution_lib
 from anodev2_jax import stepping
 from anodev2_jax.solve import (
+    Plan,
     check_coupling,
     check_inputs,
     indexed_field,
@@ -141,6 +142,81 @@ def _recording(
     return stage
 
 
+def _forward(
+    field: Callable[..., PyTree], z0: PyTree, thetas: list[PyTree], phi: list[Any], plan: Plan
+) -> tuple[list[PyTree], tuple[tuple[PyTree, ...], ...], list[list[Callable[..., Any]]]]:
+    """The z-steps through the same rk_step as coupled_solve, recording each stage's state
+    and the VJP of its one f evaluation: ([z_0, ..., z_Nz], stage states, stage VJPs)."""
+    h = 1.0 / plan.num_z_steps
+    num_stages = len(plan.tableau.b)
+    zs = [z0]
+    stage_z: list[tuple[PyTree, ...]] = []
+    stage_vjps: list[list[Callable[..., Any]]] = []
+    for n, row in enumerate(plan.stage_indices):
+        states: list[PyTree] = []
+        vjps: list[Callable[..., Any]] = []
+        fields = [
+            _recording(field, thetas[j], phi, n * num_stages + i, states, vjps)
+            for i, j in enumerate(row)
+        ]
+        zs.append(stepping.rk_step(fields, zs[-1], h, plan.tableau))
+        stage_z.append(tuple(states))
+        stage_vjps.append(vjps)
+    return zs, tuple(stage_z), stage_vjps
+
+
+def _z_adjoints(
+    ct_z1: PyTree,
+    stage_vjps: list[list[Callable[..., Any]]],
+    gamma: list[PyTree],
+    phi: list[Any],
+    plan: Plan,
+) -> tuple[list[PyTree], list[tuple[PyTree, ...]], list[PyTree], list[Any]]:
+    """Backward over the z-steps: ([a_0, ..., a_Nz] (2.5a), g per step and stage (2.5b),
+    γ_j summed per schedule index j onto the zeros ``gamma``, ∂J/∂φ)."""
+    h = 1.0 / plan.num_z_steps
+    tableau = plan.tableau
+    num_stages = len(tableau.b)
+    a = [ct_z1]
+    g: list[tuple[PyTree, ...]] = []
+    grad_phi = _zeros(phi)
+    for n in reversed(range(plan.num_z_steps)):
+        a_next = a[0]
+        lam: list[PyTree] = [None] * num_stages
+        g_n: list[PyTree] = [None] * num_stages
+        for i in reversed(range(num_stages)):
+            later = [(tableau.a[j][i], lam[j]) for j in range(i + 1, num_stages)]
+            kappa = stepping.axpy(_zeros(a_next), h, [(tableau.b[i], a_next), *later])
+            lam[i], g_n[i], phi_i = stage_vjps[n][i](kappa)
+            j = plan.stage_indices[n][i]
+            gamma[j] = _add(gamma[j], g_n[i])
+            grad_phi = _add(grad_phi, phi_i)
+        a.insert(0, stepping.axpy(a_next, 1.0, [(1.0, lam_i) for lam_i in lam]))
+        g.insert(0, tuple(g_n))
+    return a, g, gamma, grad_phi
+
+
+def _w_adjoints(
+    evolution: evolution_lib.Evolution,
+    ws: list[PyTree],
+    p: PyTree,
+    sources: list[PyTree],
+    plan: Plan,
+) -> tuple[list[PyTree], PyTree]:
+    """Backward over the weight steps: ([b_0, ..., b_M] (2.5c), ∂J/∂p (2.5e)), with s_m the
+    coupling's sources."""
+    dt = 1.0 / plan.num_w_steps
+    b = [sources[-1]]
+    grad_p = _zeros(p)
+    for m in reversed(range(plan.num_w_needed)):
+        # The step weight_trajectory takes from w_m: Φ_δ at time m·δ.
+        _, step_vjp = jax.vjp(lambda w, p, m=m: evolution.step(w, m * dt, dt, p), ws[m], p)
+        ct_w, ct_p = step_vjp(b[0])
+        b.insert(0, _add(ct_w, sources[m]))
+        grad_p = _add(grad_p, ct_p)
+    return b, grad_p
+
+
 def kkt_gradients(
     f: Callable[..., Any],
     z0: PyTree,
@@ -199,10 +275,6 @@ def kkt_gradients(
         out = f(z, theta, with_phi(phi), k)
         return out[0] if has_aux else out
 
-    # Forward: the weights as coupled_solve computes them, and the z-steps through the same
-    # rk_step, recording each stage's state and the VJP of its one f evaluation.
-    h = 1.0 / plan.num_z_steps
-    tableau = plan.tableau
     ws = weight_trajectory(evolution, w0, p, plan.num_w_steps, plan.num_w_needed)
     count = plan.num_w_needed
     if coupling.one_hot:
@@ -213,39 +285,8 @@ def kkt_gradients(
             lambda c: coupling.matrix(c, plan.num_w_steps, count), coupling_params
         )
         thetas = coupling.theta_trajectory(ws, coupling_params, plan.num_w_steps)
-    zs = [z0]
-    stage_z: list[tuple[PyTree, ...]] = []
-    stage_vjps: list[list[Callable[..., Any]]] = []
-    num_stages = len(tableau.b)
-    for n, row in enumerate(plan.stage_indices):
-        states: list[PyTree] = []
-        vjps: list[Callable[..., Any]] = []
-        fields = [
-            _recording(field, thetas[j], phi, n * num_stages + i, states, vjps)
-            for i, j in enumerate(row)
-        ]
-        zs.append(stepping.rk_step(fields, zs[-1], h, tableau))
-        stage_z.append(tuple(states))
-        stage_vjps.append(vjps)
-
-    # Backward over the z-steps: a_n (2.5a), γ per stage (2.5b), ∂J/∂φ.
-    a = [ct_z1]
-    g: list[tuple[PyTree, ...]] = []
-    gamma = [_zeros(w) for w in ws]  # γ_j: Σ of the g's applied at each schedule index j
-    grad_phi = _zeros(phi)
-    for n in reversed(range(plan.num_z_steps)):
-        a_next = a[0]
-        lam: list[PyTree] = [None] * num_stages
-        g_n: list[PyTree] = [None] * num_stages
-        for i in reversed(range(num_stages)):
-            later = [(tableau.a[j][i], lam[j]) for j in range(i + 1, num_stages)]
-            kappa = stepping.axpy(_zeros(a_next), h, [(tableau.b[i], a_next), *later])
-            lam[i], g_n[i], phi_i = stage_vjps[n][i](kappa)
-            j = plan.stage_indices[n][i]
-            gamma[j] = _add(gamma[j], g_n[i])
-            grad_phi = _add(grad_phi, phi_i)
-        a.insert(0, stepping.axpy(a_next, 1.0, [(1.0, lam_i) for lam_i in lam]))
-        g.insert(0, tuple(g_n))
+    zs, stage_z, stage_vjps = _forward(field, z0, thetas, phi, plan)
+    a, g, gamma, grad_phi = _z_adjoints(ct_z1, stage_vjps, [_zeros(w) for w in ws], phi, plan)
 
     # The coupling: each θ_j's γ_j reaches every w_m it mixes in, with weight κ_{j,m} (the
     # discrete ∫_t^1 Kᵀ(τ-t) γ(τ) dτ of 2.5c), and the kernel's parameters get (∂κ/∂c)ᵀ G.
@@ -254,17 +295,7 @@ def kkt_gradients(
     else:
         sources = _kernel_sources(mixing, gamma)
         (grad_coupling,) = mixing_vjp(_gram(gamma, ws).astype(mixing.dtype))
-
-    # Backward over the weight steps: b_m (2.5c) and ∂J/∂p (2.5e).
-    dt = 1.0 / plan.num_w_steps
-    b = [sources[-1]]
-    grad_p = _zeros(p)
-    for m in reversed(range(plan.num_w_needed)):
-        # The step weight_trajectory takes from w_m: Φ_δ at time m·δ.
-        _, step_vjp = jax.vjp(lambda w, p, m=m: evolution.step(w, m * dt, dt, p), ws[m], p)
-        ct_w, ct_p = step_vjp(b[0])
-        b.insert(0, _add(ct_w, sources[m]))
-        grad_p = _add(grad_p, ct_p)
+    b, grad_p = _w_adjoints(evolution, ws, p, sources, plan)
 
     grad_args = with_phi(grad_phi, fill=lambda x: np.zeros(np.shape(x), jax.dtypes.float0))
     return KKTResult(
@@ -277,7 +308,7 @@ def kkt_gradients(
         g=tuple(g),
         b=b,
         z=zs,
-        stage_z=tuple(stage_z),
+        stage_z=stage_z,
         w=ws,
         stage_indices=plan.stage_indices,
         theta=thetas,

@@ -1,17 +1,17 @@
-"""coupled_solve: the discrete coupled map of SPEC §2, with DTO and OTD gradients.
+"""coupled_solve: the discrete coupled map (docs/math.md §2), its plan, trajectories, diffrax field.
 
     w_{m+1} = Φ_δ(w_m; p),            m = 0..Nw-1,   δ = 1/Nw
     θ_j     = Σ_{m ≤ j} κ_{j,m} w_m   (the coupling, eq. 2.3d; Dirac: θ_j = w_j)
     z_{n+1} = RK step of f(·, θ) from z_n, step h = 1/Nz, stage i using θ_j, j = m(n) + c_i Nw/Nz
 
 All loops are Python-unrolled over the few fixed steps: on XLA:CPU the backward pass of a
-``lax.scan`` was measured 16-55x slower (../shared/bench/README.md).
+``lax.scan`` is many times slower. The gradients (dto, backprop, otd) are built in
+:mod:`anodev2_jax.gradients` from the :class:`Solver` of a solve.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import evolution as evolution_lib
 from anodev2_jax import stepping
+from anodev2_jax.gradients import GRADIENTS, METHODS
 
 PyTree = Any
 SCHEDULES = ("conf1", "conf2")
-GRADIENTS = ("dto", "otd", "backprop")
 
 
 # -- the plan: step counts, schedule and method, validated once ------------------------------------
@@ -197,8 +197,9 @@ def _z_trajectory(
     return zs, auxs
 
 
-class _Solver(NamedTuple):
-    """The static pieces of one coupled solve (hashable: f, operators, plan, flags)."""
+class Solver(NamedTuple):
+    """The static pieces of one coupled solve (hashable: f(z, theta, phi, k), operators,
+    plan, flags), from which :mod:`anodev2_jax.gradients` builds it with each gradient."""
 
     f: Callable[..., Any]
     evolution: evolution_lib.Evolution
@@ -218,98 +219,6 @@ class _Solver(NamedTuple):
     ) -> tuple[PyTree, tuple[Any, ...]]:
         zs, auxs = _z_trajectory(self.f, z0, self.thetas(w0, p, c), args, self.plan, self.has_aux)
         return zs[-1], tuple(auxs)
-
-
-# -- DTO: exact gradient, recomputing the block in the backward pass -------------------------------
-def _after(xs: PyTree, ct: PyTree) -> PyTree:
-    """``xs`` unchanged in value, but made to depend on the cotangent ``ct``.
-
-    XLA:CPU drops ``optimization_barrier`` before scheduling and computes every block's
-    recomputation early, all live at once, so ``jax.checkpoint`` alone saved no memory
-    (measured in ../shared/bench/README.md and tests/test_solve.py). Adding 0·ct[0] is a real
-    data dependency that no scheduler can hoist over (floats: 0·x is not folded, x may be NaN).
-    """
-    first = jax.tree.leaves(ct)[0]
-    zero = jnp.ravel(first)[0] * 0
-    return jax.tree.map(lambda x: x + zero.astype(x.dtype), xs)
-
-
-def _dto(solver: _Solver) -> Callable[..., Any]:
-    forward = solver.forward
-
-    @jax.custom_vjp
-    def solve(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
-        return forward(z0, w0, p, c, args)
-
-    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
-        # Keep only the block's inputs: O(1) per block instead of O(Nz) activations.
-        return forward(z0, w0, p, c, args), (z0, w0, p, c, args)
-
-    def solve_bwd(inputs: Any, cts: Any) -> Any:
-        ct_z1 = cts[0]
-        inputs = _after(inputs, ct_z1)
-        _, vjp = jax.vjp(lambda *xs: forward(*xs)[0], *inputs)
-        return vjp(ct_z1)
-
-    solve.defvjp(solve_fwd, solve_bwd)
-    return solve
-
-
-# -- OTD: the Neural ODE adjoint of Chen et al. ----------------------------------------------------
-def _otd(solver: _Solver) -> Callable[..., Any]:
-    """Keep only z(1); in the backward pass integrate (z, a) from t = 1 to 0 with the same
-    RK method and step, accumulating ∫ (∂f/∂θ)ᵀa and ∫ (∂f/∂φ)ᵀa. Stage i of the backward
-    step over [t_n, t_{n+1}] uses the θ of forward stage i (exact when θ is static); the θ_j
-    are a function of (w0, p, c), whose VJP takes the accumulated ∂J/∂θ_j back to them."""
-    f, plan, has_aux, forward = solver.f, solver.plan, solver.has_aux, solver.forward
-    tableau = plan.tableau
-    h = 1.0 / plan.num_z_steps
-
-    def field(z: PyTree, theta: PyTree, args: Any, k: int) -> PyTree:
-        out = f(z, theta, args, k)
-        return out[0] if has_aux else out
-
-    @jax.custom_vjp
-    def solve(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
-        return forward(z0, w0, p, c, args)
-
-    def solve_fwd(z0: PyTree, w0: PyTree, p: PyTree, c: PyTree, args: Any) -> Any:
-        out = forward(z0, w0, p, c, args)
-        return out, (out[0], w0, p, c, args)
-
-    def solve_bwd(residuals: Any, cts: Any) -> Any:
-        z, w0, p, c, args = residuals
-        a = cts[0]
-        thetas, thetas_vjp = jax.vjp(solver.thetas, w0, p, c)
-        g_thetas = [jax.tree.map(jnp.zeros_like, theta) for theta in thetas]
-        g_args = jax.tree.map(jnp.zeros_like, args)
-        num_stages = len(tableau.b)
-        for n in reversed(range(plan.num_z_steps)):
-            ks: list[tuple[PyTree, PyTree]] = []
-            for i, (a_row, b_i) in enumerate(zip(tableau.a, tableau.b, strict=True)):
-                j = plan.stage_indices[n][i]
-                z_i, a_i = stepping.axpy((z, a), -h, list(zip(a_row, ks, strict=False)))
-                dz, vjp = jax.vjp(
-                    functools.partial(field, k=n * num_stages + i), z_i, thetas[j], args
-                )
-                gz, gtheta, gargs = vjp(a_i)
-                ks.append((dz, jax.tree.map(jnp.negative, gz)))
-                if b_i:
-                    g_thetas[j] = stepping.axpy(g_thetas[j], h * b_i, [(1.0, gtheta)])
-                    g_args = stepping.axpy(g_args, h * b_i, [(1.0, gargs)])
-            z, a = stepping.axpy((z, a), -h, list(zip(tableau.b, ks, strict=True)))
-        g_w0, g_p, g_c = thetas_vjp(g_thetas)
-        return a, g_w0, g_p, g_c, g_args
-
-    solve.defvjp(solve_fwd, solve_bwd)
-    return solve
-
-
-def _backprop(solver: _Solver) -> Callable[..., Any]:
-    return solver.forward
-
-
-_SOLVERS = {"dto": _dto, "otd": _otd, "backprop": _backprop}
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -429,7 +338,7 @@ def coupled_solve(
 ) -> Any:
     """Solve dz/dt = f(z, θ(t), args), dw/dt = q(w; p), θ(t) = ∫_0^t K(t-τ) w(τ) dτ on [0, 1].
 
-    (SPEC §1-2, paper eq. 2.3; θ = w for the default Dirac kernel.) On the weight grid the
+    (docs/math.md §1-2, paper eq. 2.3; θ = w for the default Dirac kernel.) On the weight grid the
     coupling is θ_j = Σ_{m ≤ j} κ_{j,m} w_m, and a stage at schedule index j uses θ_j.
 
     Args:
@@ -452,7 +361,8 @@ def coupled_solve(
       method: ``"euler"``, ``"rk2"`` (midpoint) or ``"rk4"`` for the activation steps.
       gradient: ``"dto"`` (exact, stores only the inputs and recomputes the block in the
         backward pass; reverse mode only), ``"otd"`` (Neural ODE adjoint, inexact), or
-        ``"backprop"`` (exact, stores every step; supports forward mode too).
+        ``"backprop"`` (exact, stores every step; supports forward mode too); when to use
+        which: :mod:`anodev2_jax.gradients`.
       has_aux: f returns ``(dz/dt, aux)``; the solve then returns ``(result, auxs)`` with
         the aux of every f evaluation in order of evaluation (forward pass only).
       indexed: f takes a fourth argument, ``f(z, theta, args, k)``: the index
@@ -489,8 +399,8 @@ def coupled_solve(
     def f_split(z: PyTree, theta: PyTree, phi: list[Any], k: int) -> Any:
         return f(z, theta, with_phi(phi), k)
 
-    solver = _Solver(f_split, evolution, coupling, plan, has_aux)
-    z1, auxs = _SOLVERS[gradient](solver)(z0, w0, p, coupling_params, phi)
+    solver = Solver(f_split, evolution, coupling, plan, has_aux)
+    z1, auxs = METHODS[gradient](solver)(z0, w0, p, coupling_params, phi)
     return (z1, auxs) if has_aux else z1
 
 

@@ -7,7 +7,7 @@ Every row is one convolution of the models at batch 128 in float32. Each formula
 pass is one jitted function, checked against XLA's own result (``err``: max |a − b| / max |b|)
 and timed round-robin with the other formulations of its row, so that the load of the shared
 machine hits them alike: compare within a row only. Times are the median of ``--reps`` calls
-after ``--warmup``. Formulations (``anodev2_jax.nn.conv``):
+after ``--warmup``. Formulations (``anodev2_jax.cpu.conv``):
 
 - ``xla``: autodiff of ``lax.conv_general_dilated`` (the input/kernel gradient alone, by jax.vjp);
 - ``cpu``, ``cpu_paired``: what ``conv2d`` runs with that impl (the kernel gradient behind
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from anodev2_jax.cpu import conv as cpu_conv
 from anodev2_jax.nn import conv as conv_lib
 from benchmarks import common
 
@@ -161,10 +162,10 @@ def pass_functions(
     dw_of: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
         "xla": lambda x, g: jax.vjp(lambda w: conv("xla")(x, w), w)[1](g)[0],
         "cpu": lambda x, g: jax.vjp(lambda w: conv("cpu")(x, w), w)[1](g)[0],
-        "taps": lambda x, g: conv_lib.kernel_grad_taps(x, g, w.shape, stride, pads),
+        "taps": lambda x, g: cpu_conv.kernel_grad_taps(x, g, w.shape, stride, pads),
     }
     if stride == 1 and k > 1:
-        dw_of["conv"] = lambda x, g: conv_lib.kernel_grad_conv(x, g, w.shape, pads)
+        dw_of["conv"] = lambda x, g: cpu_conv.kernel_grad_conv(x, g, w.shape, pads)
     if extra:
         dw_of["taps_barrier"] = lambda x, g: kernel_grad_taps_barrier(x, g, k, stride, pads)
         dw_of["im2col"] = lambda x, g: kernel_grad_im2col(x, g, k, stride, pads)
@@ -184,8 +185,8 @@ def pass_functions(
         "dx": (
             {
                 "xla": lambda w, g: jax.vjp(lambda x: conv("xla")(x, w), x)[1](g)[0],
-                "cpu": lambda w, g: conv_lib.input_grad(g, w, x.shape, stride, pads),
-                "cpu_paired": lambda w, g: conv_lib.input_grad(g, w, x.shape, stride, pads, True),
+                "cpu": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads),
+                "cpu_paired": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads, True),
             },
             (w, g),
         ),

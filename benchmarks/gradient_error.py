@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from anodev2_jax import RDA, Zero, coupled_solve, training
-from anodev2_jax.nn import models
+from anodev2_jax.nn import blocks, models
 from anodev2_jax.training import data as data_lib
 from configs import resnet4
 
@@ -85,7 +85,7 @@ def cut_at_block(
     BatchNorm normalizes with batch statistics (training mode); running statistics are unused.
     images: (B, 32, 32, 3) normalized; labels: (B,); z1, z0: (B, 32, 32, 16).
     """
-    with models.ode_block_replaced(z1) as block_inputs:
+    with blocks.ode_block_replaced(z1) as block_inputs:
         logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
     return jnp.mean(training.cross_entropy(logits, labels)), block_inputs[0]
 
@@ -115,7 +115,7 @@ def block_gradients(
     """∂J/∂z0, ∂J/∂w0 and ∂J/∂(BN scale, offset) of the model's ODE block ``layer1_1``, solved
     by Euler with ``num_z_steps`` steps and differentiated by ``gradient`` ("dto" or "otd"),
     and the gradient w.r.t. all the model's parameters that this makes (p excluded)."""
-    f = functools.partial(models.resnet_field, train=True, conv_impl="xla")
+    f = functools.partial(blocks.resnet_field, train=True, conv_impl="xla")
     block = variables["params"]["layer1_1"]
     zeros = jnp.zeros((*images.shape[:-1], block["w0"]["conv1"].shape[-1]), images.dtype)
 

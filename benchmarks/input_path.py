@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anodev2_jax import training
+from anodev2_jax import backend, training
 from anodev2_jax.nn import conv as conv_lib
 from anodev2_jax.nn import models
 from anodev2_jax.training import data, input_pipeline, parallel
@@ -151,7 +151,7 @@ def measure(model: str, variant: str, args: argparse.Namespace) -> list[dict[str
     images = args.steps * args.batch_size
     conv_impl = config.conv_impl
     if conv_impl == "auto":  # as conv2d resolves it
-        conv_impl = "cpu" if jax.default_backend() == "cpu" else "xla"
+        conv_impl = backend.conv_impl("auto")
     rows = []
     for pipeline in pipelines:
         best = min(r["seconds"] for r in rounds[pipeline.name])

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from anodev2_jax import training
+from anodev2_jax import backend, training
 from anodev2_jax.nn import conv as conv_lib
 from anodev2_jax.training import parallel, seeds
 from benchmarks import common
@@ -87,7 +87,7 @@ class Strategy:
         net = training.model_from_config(config)
         self.conv_impl = net.conv_impl
         if self.conv_impl == "auto":  # as conv2d resolves it
-            self.conv_impl = "cpu" if jax.default_backend() == "cpu" else "xla"
+            self.conv_impl = backend.conv_impl("auto")
         optimizer = training.make_optimizer(config, common.TRAIN_EXAMPLES // args.batch_size)
         state = training.create_state(net, optimizer, config)
         step = training.make_train_step(net, optimizer, jnp.dtype(config.dtype))

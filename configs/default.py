@@ -1,4 +1,4 @@
-"""Defaults shared by every experiment: the paper's protocol (SPEC §5) plus a warm-up."""
+"""Defaults shared by every experiment: the paper's protocol (its Appendix C) plus a warm-up."""
 
 import ml_collections
 from ml_collections import config_dict
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_decay_epochs = (150, 300)
     config.lr_decay_factor = 0.1
     # Not in the paper: lr 0.1 from the first step collapses ResNet-4 to chance in ~20 steps
-    # (measured, SPEC §5); a linear warm-up over the first epoch fixes it.
+    # (measured on the PyTorch reference); a linear warm-up over the first epoch fixes it.
     config.warmup_epochs = 1.0
     # Clip the loss gradient to this global norm before the update (None: no clipping).
     config.grad_clip_norm = config_dict.placeholder(float)

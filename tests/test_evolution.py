@@ -101,7 +101,7 @@ def test_rda_gradients_wrt_kernel_and_parameters():
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("shape", [(5, 5, 2, 3), (3, 4, 2, 3), (1, 1, 2, 3)])
 def test_rda_matrix_transform_equals_the_fft(shape, per_channel):
-    """transform="matrix" (the default up to 64 taps) is jnp.fft's DFT: values, and gradients
+    """transform="matrix" (the CPU's default up to 64 taps) is jnp.fft's DFT: values, and gradients
     with respect to the kernel and the parameters."""
     w = random_kernel(shape)
     p = {k: v + 0.1 * jnp.arange(shape[3]) for k, v in rda_params().items()}
@@ -126,6 +126,13 @@ def test_rda_auto_transform_uses_the_fft_for_large_kernels():
     assert "fft" in jaxpr
     small = str(jax.make_jaxpr(lambda w: RDA().step(w, 0.0, 0.5, rda_params()))(w[:8, :8]))
     assert "fft" not in small
+
+
+def test_rda_auto_transform_is_the_fft_without_the_cpu_speedups(monkeypatch):
+    """ANODEV2_CPU_SPEEDUPS=0: "auto" is the FFT for every kernel, as on a GPU or TPU."""
+    monkeypatch.setenv("ANODEV2_CPU_SPEEDUPS", "0")
+    w = random_kernel((3, 3, 1, 2))
+    assert "fft" in str(jax.make_jaxpr(lambda w: RDA().step(w, 0.0, 0.5, rda_params()))(w))
 
 
 def test_per_channel_parameters_act_on_their_output_channel():

@@ -1,10 +1,9 @@
 """glibc malloc settings that stop XLA:CPU from page-faulting its buffers in on every step.
 
-XLA:CPU allocates a compiled program's temporary buffer (274 MiB for a ResNet-4
-anodev2_conf1 training step at batch 128) with ``posix_memalign``, from one of glibc's
-per-thread arenas. An arena cannot hold a block above 64 MiB, so glibc maps a fresh one with
-``mmap`` on every call and unmaps it afterwards: each step touches every page anew, about
-70,000 minor page faults and 0.14 s of kernel time per step on that model (BENCHMARKS.md).
+XLA:CPU allocates a compiled program's temporary buffer (hundreds of MiB for a training
+step) with ``posix_memalign``, from one of glibc's per-thread arenas. An arena cannot hold a
+block above 64 MiB, so glibc maps a fresh one with ``mmap`` on every call and unmaps it
+afterwards: each step page-faults every page in anew, in kernel time (BENCHMARKS.md §2).
 With a single arena, no ``mmap`` and no trimming (:data:`TUNABLES`), freed blocks stay in
 the heap and the next step reuses them, without page faults.
 
@@ -13,24 +12,25 @@ variable (``mallopt`` at run time comes too late for arenas that threads already
 :func:`restart_tuned` therefore re-executes the running program with them, first thing in
 ``train.py`` and the benchmarks; in a notebook, start Jupyter with
 ``GLIBC_TUNABLES=`` :func:`tunables_value`. Accelerators keep their buffers in device
-memory, so ``"auto"`` tunes only when JAX will run on the CPU.
+memory, so ``"auto"`` tunes only when JAX will run on the CPU, as
+:func:`anodev2_jax.backend.cpu_malloc` decides from ``JAX_PLATFORMS`` before JAX initializes
+(and not with ``ANODEV2_CPU_SPEEDUPS=0``).
 
 The cost is resident memory: freed blocks stay in one heap, which fragments, so the process
-holds 1.2-1.6x the memory it would otherwise (ResNet-4 anodev2_conf1: 1,389 vs 863 MiB),
-growing in steps over the first hundreds of training steps (BENCHMARKS.md, section 2). Set
-``config.cpu_malloc="default"`` where memory is tighter than time.
+holds more memory than it would otherwise, growing in steps over the first hundreds of
+training steps (BENCHMARKS.md §2). Set ``config.cpu_malloc="default"`` where memory is
+tighter than time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.metadata
-import importlib.util
 import os
-import pkgutil
 import sys
 from collections.abc import Mapping
+
+from anodev2_jax import backend
 
 MODES = ("auto", "tuned", "default")
 TUNABLES = {
@@ -45,7 +45,8 @@ def restart_tuned(mode: str = "auto") -> None:
     when ``mode`` asks for them and the process does not run with them yet; else return.
 
     ``mode``: "tuned" (tune, or raise if the C library is not glibc), "default" (leave malloc
-    alone) or "auto" (tune when JAX will run on the CPU and the C library is glibc). Call it
+    alone) or "auto" (tune when JAX will run on the CPU with the CPU speed-ups, see
+    :func:`anodev2_jax.backend.cpu_malloc`, and the C library is glibc). Call it
     before any work worth keeping: nothing of the current process survives the restart.
     """
     if not wants_tuning(mode) or is_tuned():
@@ -68,7 +69,7 @@ def wants_tuning(mode: str) -> bool:
                 "cpu_malloc='tuned' needs glibc (its GLIBC_TUNABLES); use 'auto' or 'default'"
             )
         return False
-    return mode == "tuned" or runs_on_cpu()
+    return backend.cpu_malloc(mode) == "tuned"
 
 
 def is_tuned(environ: Mapping[str, str] = os.environ) -> bool:
@@ -86,31 +87,6 @@ def tunables_value(existing: str = "") -> str:
 def _parse(value: str) -> dict[str, str]:
     pairs = (item.split("=", 1) for item in value.split(":") if "=" in item)
     return {name: setting for name, setting in pairs}
-
-
-def runs_on_cpu(platforms: str | None = None) -> bool:
-    """Whether JAX's default backend will be the CPU, decided without initializing it.
-
-    ``platforms``: as JAX_PLATFORMS, default that variable (``jax.config.jax_platforms``).
-    When set, its first entry decides; otherwise JAX picks an accelerator whenever a plugin
-    for one (CUDA, ROCm, ...) or libtpu is installed.
-    """
-    if platforms is None:
-        import jax
-
-        platforms = jax.config.values.get("jax_platforms")
-    if platforms:
-        return str(platforms).split(",")[0].strip() == "cpu"
-    try:
-        import jax_plugins
-
-        if any(pkgutil.iter_modules(jax_plugins.__path__)):
-            return False
-    except ImportError:
-        pass
-    if importlib.metadata.entry_points(group="jax_plugins"):
-        return False
-    return importlib.util.find_spec("libtpu") is None
 
 
 def uses_glibc() -> bool:

@@ -8,8 +8,11 @@ Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) ag
 FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACHE`` (default
 ``~/.cache/anodev2_jax``) by a hash of the sources, compiler, flags, jaxlib version and CPU
 model (``-march=native``), and registered with XLA for the CPU platform. :func:`available`
-says whether that worked; when it did not (no compiler, not Linux/macOS),
-``conv2d(impl="cpu")`` falls back to XLA's own formulations and says why once, as a warning.
+says whether that worked; when it did not (no compiler, not Linux/macOS), the ops that would
+call them (:func:`anodev2_jax.backend.runs_cpu_kernels`) use XLA's own formulations and say
+why once, as a warning. The differentiable ops built on these calls are in
+:mod:`anodev2_jax.cpu.conv`, :mod:`anodev2_jax.cpu.batch_norm` and
+:mod:`anodev2_jax.cpu.max_pool`.
 """
 
 from __future__ import annotations
@@ -196,15 +199,6 @@ def available() -> bool:
     if _available is None:
         _available = _build_and_register()
     return _available
-
-
-def applies(impl: str, x: jax.Array) -> bool:
-    """Whether an op given a conv impl (``conv.IMPLS``) runs its C++ kernel on x: impl
-    "cpu", "cpu_paired", or "auto" on the CPU; x float32 or float64 on the CPU backend; and
-    the kernels :func:`available`."""
-    if impl == "xla" or jax.default_backend() != "cpu":
-        return False
-    return jnp.dtype(x.dtype) in _SUFFIX and available()
 
 
 def _build_and_register() -> bool:

@@ -1,1 +1,1 @@
-"""The model layer (Flax): ODE blocks, AlexNet, ResNets, BatchNorm, the convolution's dispatch."""
+"""The model layer (Flax): ODE blocks, models, BatchNorm, max pool, the convolution's dispatch."""

@@ -1,29 +1,19 @@
-"""The paper's CIFAR-10 models (SPEC §5, paper Appendix C) as Flax linen modules.
+"""The paper's CIFAR-10 models (paper Appendix C, Tables 5-6) as Flax linen modules.
 
-AlexNet (residual), ResNet-4 and ResNet-10 for (B, 32, 32, 3) normalized images, 10 classes.
-Each residual block ``z1 = post(z0 + f(z0; θ))`` is an :class:`ODEBlock`: with ``ode=None``
-the plain block (the baseline), otherwise the coupled solve of SPEC §1-2 on [0, 1] by
-:func:`anodev2_jax.coupled_solve`, the block's conv kernels being the evolved weights w.
+AlexNet (residual), ResNet-4 and ResNet-10 for (B, 32, 32, 3) normalized images, 10 classes,
+each with its residual blocks as :class:`anodev2_jax.nn.blocks.ODEBlock` (plain blocks for
+the baseline, coupled solves for the paper's other variants, :data:`VARIANTS`), the layers
+outside them as :class:`ConvBN` (and ResNet-10's :class:`DownBlock`). :func:`create_model`
+builds one by name and variant.
 
-The vector fields f are pure functions (``resnet_field``, ``alexnet_field``); a block passes
-them its kernels as w, the evolution parameters as p and its BatchNorm scale/offset (and
-AlexNet's conv bias) as args. In training each of a block's E = Nz·stages f evaluations is
-normalized with its own batch moments, and each keeps its own running mean and variance
-(batch_stats of shape (E, C), updated once per call from the forward pass); in evaluation,
-evaluation k uses row k (SPEC §5, :mod:`anodev2_jax.nn.normalization`). Scale and offset are
-shared by the evaluations (as in ANODE) or, with ``norm_params="per_evaluation"``, one per
-evaluation.
-
-Parameter counting (SPEC §5): BatchNorm scale and offset count, running statistics do not;
+Parameter counting (docs/math.md §7): BatchNorm scale and offset count, running statistics do not;
 AlexNet's convs and every fc layer have biases, the ResNets' convs have none.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -31,14 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anodev2_jax import coupling as coupling_lib
 from anodev2_jax import evolution as evolution_lib
-from anodev2_jax import solve as solve_lib
-from anodev2_jax.cpu import native
 from anodev2_jax.nn import conv as conv_lib
 from anodev2_jax.nn import normalization as norm_lib
+from anodev2_jax.nn.blocks import ODEBlock, ODEConfig, conv_init, norm_variables
 from anodev2_jax.nn.conv import conv2d
 from anodev2_jax.nn.normalization import batch_norm
+from anodev2_jax.nn.pooling import max_pool
 
 PyTree = Any
 Array = jax.Array
@@ -47,88 +36,10 @@ MODELS = ("alexnet", "resnet4", "resnet10")
 VARIANTS = ("baseline", "node", "anode", "anodev2_conf1", "anodev2_conf2")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
-# He-normal over fan_out (kh·kw·cout), as torch_ref.py initialises the blocks' convs.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-# -- the ODE settings of a block -------------------------------------------------------------------
-# The exact gradients (equal to rounding) that gradient="auto" picks between per block.
-EXACT_GRADIENTS = ("backprop", "dto")
-GRADIENT_CHOICES = (*solve_lib.GRADIENTS, "auto")
-
-
-@dataclasses.dataclass(frozen=True)
-class ODEConfig:
-    """How an ODE block solves z and w on [0, 1] (the arguments of ``coupled_solve``).
-
-    ``num_w_steps=None`` means Nw = Nz. ``norm_params``: "shared" (one BatchNorm scale and
-    offset for all of a block's f evaluations) or "per_evaluation" (one per evaluation);
-    the running statistics are per evaluation either way. ``coupling``: θ from the weight
-    trajectory, θ(t) = ∫_0^t K(t-τ) w(τ) dτ (eq. 2.3d): ``Dirac()`` (θ = w, the paper's
-    experiments) or e.g. ``Exponential()`` (an extension beyond them; its parameters are
-    learned with the block's). ``gradient``: "dto", "backprop" (both exact), "otd" (the
-    adjoint) or "auto": per block, what ``block_gradients`` ((block name, "backprop" |
-    "dto") pairs) says, "dto" for a block it does not name; the trainer fills it in from the
-    compiled train step's memory (:mod:`anodev2_jax.gradients`). Validated on
-    construction (``make_plan``, the coupling's grid), so a bad combination fails before any
-    tracing.
-    """
-
-    num_z_steps: int = 2
-    num_w_steps: int | None = None
-    schedule: str | tuple[int, ...] = "conf1"
-    method: str = "euler"
-    gradient: str = "auto"
-    evolution: evolution_lib.Evolution = dataclasses.field(default_factory=evolution_lib.Zero)
-    norm_params: str = "shared"
-    coupling: coupling_lib.Coupling = dataclasses.field(default_factory=coupling_lib.Dirac)
-    block_gradients: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.schedule, str):
-            object.__setattr__(self, "schedule", tuple(self.schedule))
-        if self.norm_params not in norm_lib.NORM_PARAMS:
-            raise ValueError(
-                f"norm_params={self.norm_params!r} is unknown; use one of {norm_lib.NORM_PARAMS}"
-            )
-        if self.gradient not in GRADIENT_CHOICES:
-            raise ValueError(
-                f"gradient={self.gradient!r} is unknown; use one of {GRADIENT_CHOICES}"
-            )
-        object.__setattr__(self, "block_gradients", tuple(map(tuple, self.block_gradients)))
-        for block, gradient in self.block_gradients:
-            if gradient not in EXACT_GRADIENTS:
-                raise ValueError(
-                    f"block_gradients[{block!r}]={gradient!r}: an auto choice is one of "
-                    f"{EXACT_GRADIENTS}"
-                )
-        if not isinstance(self.evolution, evolution_lib.Evolution):
-            raise ValueError(
-                f"evolution={self.evolution!r} is not an evolution operator; pass e.g. "
-                "anodev2_jax.RDA() or anodev2_jax.Zero()"
-            )
-        if not isinstance(self.coupling, coupling_lib.Coupling):
-            raise ValueError(
-                f"coupling={self.coupling!r} is not a coupling; pass e.g. anodev2_jax.Dirac() "
-                "(θ = w) or anodev2_jax.Exponential()"
-            )
-        self.coupling.check_grid(self.plan().num_w_steps)
-
-    def gradient_of(self, block: str) -> str:
-        """The gradient block ``block`` uses: ``gradient``, or with "auto" the choice in
-        ``block_gradients`` (made by the trainer from the train step's memory,
-        :mod:`anodev2_jax.gradients`), "dto" where none was made."""
-        if self.gradient != "auto":
-            return self.gradient
-        return dict(self.block_gradients).get(block, "dto")
-
-    def plan(self) -> solve_lib.Plan:
-        """The validated step plan (raises ValueError naming the fix)."""
-        return solve_lib.make_plan(self.num_z_steps, self.num_w_steps, self.schedule, self.method)
 
 
 def variant_config(variant: str) -> ODEConfig | None:
-    """The ODE blocks of a paper variant (SPEC §5); None for the baseline's plain blocks."""
+    """The ODE blocks of a paper variant (docs/math.md §2); None for the baseline's plain blocks."""
     if variant == "baseline":
         return None
     if variant == "node":  # Neural ODE: static θ, Nt = 2, adjoint gradient (Table 4)
@@ -144,147 +55,7 @@ def variant_config(variant: str) -> ODEConfig | None:
     raise ValueError(f"variant={variant!r} is unknown; use one of {VARIANTS}")
 
 
-# -- pooling ---------------------------------------------------------------------------------------
-def max_pool(x: Array, size: int, impl: str = "xla") -> Array:
-    """Max over non-overlapping size × size windows: (N, H, W, C) -> (N, H/size, W/size, C).
-
-    A reshape and a max, not ``flax.linen.max_pool``: XLA:CPU runs the gradient of the latter
-    (select-and-scatter) 3-15x slower. At exact ties the gradient is split among the tied
-    elements rather than given to one. ``impl``: a conv impl (:data:`conv_lib.IMPLS`); with
-    "cpu", "cpu_paired" or "auto" on the CPU the gradient is one pass of a C++ kernel
-    (``csrc/max_pool.cc``), equal to XLA's (which makes several passes).
-    """
-    h, w = x.shape[1:3]
-    if h % size or w % size:
-        raise ValueError(f"max_pool window {size} does not divide the input's {h}x{w}")
-    if native.applies(impl, x):
-        return _max_pool_native(x, size)
-    return _window_max(x, size)
-
-
-def _window_max(x: Array, size: int) -> Array:
-    n, h, w, c = x.shape
-    return x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
-
-
-def _window_sum(x: Array, size: int) -> Array:
-    n, h, w, c = x.shape
-    return x.reshape(n, h // size, size, w // size, size, c).sum(axis=(2, 4))
-
-
-def _upsample(y: Array, size: int) -> Array:
-    """(N, Ho, Wo, C) -> (N, Ho·size, Wo·size, C), each value repeated over its window."""
-    return jnp.repeat(jnp.repeat(y, size, axis=1), size, axis=2)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_native(x: Array, size: int) -> Array:
-    return _window_max(x, size)
-
-
-def _max_pool_native_fwd(x: Array, size: int) -> tuple[Array, tuple[Array, Array]]:
-    y = _window_max(x, size)
-    return y, (x, y)
-
-
-def _max_pool_native_bwd(size: int, residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
-    x, y = residuals
-    return (_max_pool_grad(x, y, g, size),)
-
-
-_max_pool_native.defvjp(_max_pool_native_fwd, _max_pool_native_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _max_pool_grad(x: Array, y: Array, g: Array, size: int) -> Array:
-    """The max pool's dx by the C++ kernel; differentiable (reverse mode): linear in g, and
-    piecewise constant in x and y (as XLA's reduce-max derivative)."""
-    return native.max_pool_grad(x, y, g, size)
-
-
-def _max_pool_grad_fwd(
-    x: Array, y: Array, g: Array, size: int
-) -> tuple[Array, tuple[Array, Array]]:
-    return native.max_pool_grad(x, y, g, size), (x, y)
-
-
-def _max_pool_grad_bwd(
-    size: int, residuals: tuple[Array, Array], cotangent: Array
-) -> tuple[Array, Array, Array]:
-    x, y = residuals
-    mask = (x == _upsample(y, size)).astype(x.dtype)
-    dg = _window_sum(mask * cotangent, size) / _window_sum(mask, size)
-    return jnp.zeros_like(x), jnp.zeros_like(y), dg
-
-
-_max_pool_grad.defvjp(_max_pool_grad_fwd, _max_pool_grad_bwd)
-
-
-# -- the blocks' vector fields f(z, θ, args) -> (dz/dt, moments) -----------------------------------
-def resnet_field(
-    z: Array, theta: PyTree, args: PyTree, *, train: bool, conv_impl: str = "xla"
-) -> tuple[Array, PyTree]:
-    """ResNet basic block field f(z) = BN2(conv2(ReLU(BN1(conv1(z))))), 3x3 convs, no bias.
-
-    z: (N, H, W, C); theta: {"conv1", "conv2"} (3, 3, C, C) kernels; args: {"bn1", "bn2"}
-    as :func:`batch_norm` takes them. The block's final ReLU acts after the solve.
-    """
-    norm = functools.partial(batch_norm, train=train, impl=conv_impl)
-    h, bn1 = norm(conv2d(z, theta["conv1"], 1, 1, conv_impl), args["bn1"], relu=True)
-    h, bn2 = norm(conv2d(h, theta["conv2"], 1, 1, conv_impl), args["bn2"])
-    return h, {"bn1": bn1, "bn2": bn2}
-
-
-def alexnet_field(
-    z: Array, theta: PyTree, args: PyTree, *, train: bool, conv_impl: str = "xla"
-) -> tuple[Array, PyTree]:
-    """AlexNet's residual conv field f(z) = ReLU(BN(conv(z) + b)), 5x5 conv with bias b.
-
-    z: (N, H, W, C); theta: {"conv"} (5, 5, C, C); args: {"bias": (C,), "bn": ...}.
-    """
-    h = conv2d(z, theta["conv"], 1, 2, conv_impl)
-    h, bn = batch_norm(h, args["bn"], train, offset=args["bias"], relu=True, impl=conv_impl)
-    return h, {"bn": bn}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Field:
-    fn: Callable[..., tuple[Array, PyTree]]
-    kernel_size: int
-    kernels: tuple[str, ...]
-    norms: tuple[str, ...]
-    conv_bias: bool
-    post_relu: bool
-
-
-_FIELDS = {
-    "resnet": _Field(resnet_field, 3, ("conv1", "conv2"), ("bn1", "bn2"), False, True),
-    "alexnet": _Field(alexnet_field, 5, ("conv",), ("bn",), True, False),
-}
-
-
 # -- layers ----------------------------------------------------------------------------------------
-def _norm_variables(
-    module: nn.Module,
-    name: str,
-    shape: tuple[int, ...],
-    dtype: Any,
-    stats_shape: tuple[int, ...] | None = None,
-) -> tuple[Any, Any]:
-    """BatchNorm params {"scale", "bias"} of ``shape`` and running stats {"mean", "var"} of
-    ``stats_shape`` (default ``shape``): (C,), or (E, C) per evaluation of an ODE block."""
-    stats_shape = shape if stats_shape is None else stats_shape
-    params = module.param(
-        name, lambda _: {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
-    )
-    stats = module.variable(
-        "batch_stats",
-        name,
-        lambda: {"mean": jnp.zeros(stats_shape, dtype), "var": jnp.ones(stats_shape, dtype)},
-    )
-    return params, stats
-
-
 class ConvBN(nn.Module):
     """conv2d -> BatchNorm -> optional ReLU, for the layers outside the ODE blocks."""
 
@@ -305,7 +76,7 @@ class ConvBN(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-        norm, stats = _norm_variables(self, "bn", (self.features,), self.dtype)
+        norm, stats = norm_variables(self, "bn", (self.features,), self.dtype)
         variables = norm if train else {**norm, **stats.value}
         y, moments = batch_norm(
             y, variables, train, offset=bias, relu=self.relu, impl=self.conv_impl
@@ -315,135 +86,21 @@ class ConvBN(nn.Module):
         return y
 
 
-class ODEBlock(nn.Module):
-    """A residual block with C channels in and out; an ODE block when ``ode`` is set.
+class DownBlock(nn.Module):
+    """ResNet-10's layer2_1: ReLU(BN(conv3x3(ReLU(BN(conv3x3/2(x))))) + BN(conv1x1/2(x)))."""
 
-    ``ode=None``: z1 = post(z0 + f(z0; w0)) (the plain residual block, the baseline).
-    Otherwise: z1 = post(z(1)) of the coupled solve dz/dt = f(z, θ), dw/dt = q(w; p),
-    θ = ∫_0^t K(t-τ) w(τ) dτ (θ = w for the default Dirac coupling).
-    ``field``: "resnet" (basic block, post = ReLU) or "alexnet" (5x5 conv, post = identity).
-
-    Variables: params {"w0": {kernel name: (k, k, C, C)}, "p": evolution parameters (absent
-    when the evolution has none), "coupling": the time kernel's parameters (absent for Dirac),
-    "bn1", "bn2" | "bn": {"scale", "bias"}, AlexNet's "bias"};
-    batch_stats {"bn1", "bn2" | "bn": {"mean", "var"}}. BatchNorm variables are (C,) in the
-    plain block; in an ODE block the running statistics are (E, C), one row per f
-    evaluation (E = Nz·stages), and so are scale and offset with
-    ``ode.norm_params="per_evaluation"``.
-    """
-
-    channels: int
-    field: str = "resnet"
-    ode: ODEConfig | None = None
+    features: int
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, z: Array, train: bool) -> Array:
-        """z: (N, H, W, C) -> (N, H, W, C)."""
-        if self.field not in _FIELDS:
-            raise ValueError(f"field={self.field!r} is unknown; use one of {tuple(_FIELDS)}")
-        spec = _FIELDS[self.field]
-        c, k = self.channels, spec.kernel_size
-        if z.shape[-1] != c:
-            raise ValueError(
-                f"ODEBlock(channels={c}) got activations of shape {z.shape}; a residual block "
-                "keeps its channel count, so pass channels=z.shape[-1]"
-            )
-
-        def init_kernels(key: Array) -> dict[str, Array]:
-            keys = jax.random.split(key, len(spec.kernels))
-            return {
-                name: conv_init(kk, (k, k, c, c), self.dtype)
-                for name, kk in zip(spec.kernels, keys, strict=True)
-            }
-
-        w0 = self.param("w0", init_kernels)
-        norm_shape: tuple[int, ...] = (c,)
-        stats_shape: tuple[int, ...] = (c,)
-        if self.ode is not None:
-            stats_shape = (self.ode.plan().num_evaluations, c)
-            if self.ode.norm_params == "per_evaluation":
-                norm_shape = stats_shape
-        args: dict[str, Any] = {}
-        stats = {}
-        for name in spec.norms:
-            norm, stats[name] = _norm_variables(self, name, norm_shape, self.dtype, stats_shape)
-            args[name] = norm if train else {**norm, **stats[name].value}
-        if spec.conv_bias:
-            args["bias"] = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
-
-        def f(z: Array, theta: PyTree, args: PyTree, k: int = 0) -> tuple[Array, PyTree]:
-            """The field at evaluation k, with that evaluation's BatchNorm variables."""
-            if self.ode is not None:
-                args = args | {name: norm_lib.at_evaluation(args[name], k) for name in spec.norms}
-            return spec.fn(z, theta, args, train=train, conv_impl=self.conv_impl)
-
-        if self.ode is None:
-            dz, aux = f(z, w0, args)
-            z1 = z + dz
-            moments = {name: aux[name] for name in spec.norms}
-        else:
-            evolution = self.ode.evolution
-            p = None
-            if _has_params(evolution, w0):
-                p = self.param("p", lambda key: evolution.init(w0, key))
-            coupling = self.ode.coupling
-            coupling_params = None
-            if _has_params(coupling, w0):
-                coupling_params = self.param("coupling", lambda key: coupling.init(w0, key))
-            z1, auxs = solve_lib.coupled_solve(
-                f,
-                z,
-                w0,
-                p,
-                args,
-                evolution=evolution,
-                coupling=coupling,
-                coupling_params=coupling_params,
-                num_z_steps=self.ode.num_z_steps,
-                num_w_steps=self.ode.num_w_steps,
-                schedule=self.ode.schedule,
-                method=self.ode.method,
-                gradient=self.ode.gradient_of(self.name or ""),
-                has_aux=True,
-                indexed=True,
-            )
-            moments = {
-                name: norm_lib.stack_evaluations([a[name] for a in auxs]) for name in spec.norms
-            }
-        # The forward pass's moments only: DTO and OTD discard those of their backward passes.
-        if train and not self.is_initializing():
-            for name in spec.norms:
-                stats[name].value = norm_lib.fold_moments(stats[name].value, moments[name])
-        return jax.nn.relu(z1) if spec.post_relu else z1
-
-
-@contextlib.contextmanager
-def ode_block_replaced(z1: Array) -> Iterator[list[Array]]:
-    """Cut a model at its ODE block: while active, an ODEBlock records its input z0 in the
-    yielded list and returns post(z1) (its own final activation) instead of solving.
-
-    A model's loss then reads J(params, z1) together with z0(params): stem, block and head
-    apart, e.g. to run the KKT recursion on one block of a whole model.
-    """
-    block_inputs: list[Array] = []
-
-    def replace(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
-        module = context.module
-        if isinstance(module, ODEBlock) and context.method_name == "__call__":
-            block_inputs.append(args[0])
-            return jax.nn.relu(z1) if _FIELDS[module.field].post_relu else z1
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(replace):
-        yield block_inputs
-
-
-def with_block_gradients(model: nn.Module, gradients: Mapping[str, str]) -> nn.Module:
-    """``model`` with gradient "auto" resolved: block name -> "backprop" | "dto"."""
-    ode = dataclasses.replace(model.ode, block_gradients=tuple(gradients.items()))
-    return model.clone(ode=ode)
+    def __call__(self, x: Array, train: bool) -> Array:
+        """x: (N, H, W, Cin) -> (N, H/2, W/2, features)."""
+        common = dict(features=self.features, conv_impl=self.conv_impl, dtype=self.dtype)
+        h = ConvBN(kernel_size=3, stride=2, padding=1, name="conv1", **common)(x, train)
+        h = ConvBN(kernel_size=3, padding=1, relu=False, name="conv2", **common)(h, train)
+        shortcut = ConvBN(kernel_size=1, stride=2, relu=False, name="shortcut", **common)(x, train)
+        return jax.nn.relu(h + shortcut)
 
 
 def ode_block_inputs(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
@@ -465,28 +122,6 @@ def ode_block_inputs(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
     with nn.intercept_methods(record):
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
     return found
-
-
-def _has_params(op: evolution_lib.Evolution | coupling_lib.Coupling, w0: PyTree) -> bool:
-    shapes = jax.eval_shape(lambda key: op.init(w0, key), jax.random.key(0))
-    return bool(jax.tree.leaves(shapes))
-
-
-class DownBlock(nn.Module):
-    """ResNet-10's layer2_1: ReLU(BN(conv3x3(ReLU(BN(conv3x3/2(x))))) + BN(conv1x1/2(x)))."""
-
-    features: int
-    conv_impl: str = "xla"
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        """x: (N, H, W, Cin) -> (N, H/2, W/2, features)."""
-        common = dict(features=self.features, conv_impl=self.conv_impl, dtype=self.dtype)
-        h = ConvBN(kernel_size=3, stride=2, padding=1, name="conv1", **common)(x, train)
-        h = ConvBN(kernel_size=3, padding=1, relu=False, name="conv2", **common)(h, train)
-        shortcut = ConvBN(kernel_size=1, stride=2, relu=False, name="shortcut", **common)(x, train)
-        return jax.nn.relu(h + shortcut)
 
 
 # -- the models ------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ variance, (C,). An ODE block evaluates its field f Nz·stages times per call, an
 evaluation k (z-step n, stage i, k = n·stages + i) sees activations with moments of its
 own (z₀ and z₀ + h f(z₀) differ, and θ(t) evolves): its running statistics are therefore
 per evaluation, (E, C) with E = Nz·stages, and evaluation k is normalized in eval mode with
-row k (SPEC §5). Scale and offset are shared by default ((C,), the parameter count of the
+row k (docs/math.md §7). Scale and offset are shared by default ((C,), the parameter count of the
 residual block) or, optionally, per evaluation too ((E, C)).
 
-With a conv impl that runs C++ kernels on the CPU ("cpu", "auto" there), training mode and
-its gradient are two passes each way of ``csrc/batch_norm.cc``, a following ReLU fused in.
+Training mode differentiates in closed form (:func:`batch_norm_train`), on every backend.
+Where an op given the conv impl runs the C++ kernels
+(:func:`anodev2_jax.backend.runs_cpu_kernels`), training mode and its gradient are those of
+:mod:`anodev2_jax.cpu.batch_norm` instead, a following ReLU fused in.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from anodev2_jax.cpu import native
+from anodev2_jax import backend
 
 PyTree = Any
 Array = jax.Array
@@ -60,15 +62,18 @@ def batch_norm(
     Training normalizes with the batch's own moments (and differentiates through them).
     ``offset``: (C,), e.g. the bias of the conv before; it only shifts the mean, so it is
     added to the mean, not to x (one pass over x fewer). ``impl``: a conv impl
-    (``conv.IMPLS``); where :func:`native.applies` and x, scale and bias share a dtype,
+    (``conv.IMPLS``); where it runs the C++ kernels
+    (:func:`anodev2_jax.backend.runs_cpu_kernels`) and x, scale and bias share a dtype,
     training mode is the C++ kernel's (equal to the formula up to rounding, reverse mode to
     any order).
     """
     same_dtype = norm["scale"].dtype == norm["bias"].dtype == x.dtype
-    if train and same_dtype and native.applies(impl, x):
-        y, moments = _batch_norm_native(x, norm["scale"], norm["bias"], epsilon, relu)
+    if train and same_dtype and backend.runs_cpu_kernels(impl, x.dtype):
+        from anodev2_jax.cpu import batch_norm as cpu_batch_norm  # only where it runs
+
+        y, moments = cpu_batch_norm.batch_norm_relu(x, norm["scale"], norm["bias"], epsilon, relu)
     elif train:
-        y, moments = _batch_norm_train(x, norm["scale"], norm["bias"], epsilon)
+        y, moments = batch_norm_train(x, norm["scale"], norm["bias"], epsilon)
         y = jax.nn.relu(y) if relu else y
     else:
         moments = {"mean": norm["mean"], "var": norm["var"]}
@@ -82,20 +87,20 @@ def batch_norm(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_train(
+def batch_norm_train(
     x: Array, scale: Array, bias: Array, epsilon: float
 ) -> tuple[Array, dict[str, Array]]:
     """Training-mode BatchNorm and its batch moments, with the gradient in closed form.
 
-    The closed form reads and writes x-sized arrays fewer times than autodiff through the
-    mean, the variance and the normalization (on XLA:CPU each such pass costs about as much
-    as the arithmetic; 7 % of a ResNet-4 anodev2_conf1 step, see BENCHMARKS.md). Reverse
-    mode only, to any order.
+    x: (N, H, W, C); scale, bias: (C,) -> (y of x's shape, {"mean", "var"}: (C,)). The closed
+    form reads and writes x-sized arrays fewer times than autodiff through the mean, the
+    variance and the normalization, passes that cost about as much as the arithmetic
+    (BENCHMARKS.md). Reverse mode only, to any order.
     """
-    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+    return batch_norm_train_fwd(x, scale, bias, epsilon)[0]
 
 
-def _batch_norm_train_fwd(
+def batch_norm_train_fwd(
     x: Array, scale: Array, bias: Array, epsilon: float
 ) -> tuple[tuple[Array, dict[str, Array]], tuple[Array, ...]]:
     moments = batch_moments(x)
@@ -104,7 +109,7 @@ def _batch_norm_train_fwd(
     return (y, moments), (x, moments["mean"], rstd, scale)
 
 
-def _batch_norm_train_bwd(
+def batch_norm_train_bwd(
     epsilon: float, residuals: tuple[Array, ...], cotangents: tuple[Array, dict[str, Array]]
 ) -> tuple[Array, Array, Array]:
     x, mean, rstd, scale = residuals
@@ -120,91 +125,7 @@ def _batch_norm_train_bwd(
     return dx, dscale, dbias
 
 
-_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
-
-
-def _batch_norm_relu(
-    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
-) -> tuple[Array, dict[str, Array]]:
-    """What :func:`_batch_norm_native` computes, in jnp: the reference for its derivatives."""
-    y, moments = _batch_norm_train(x, scale, bias, epsilon)
-    return (jax.nn.relu(y) if relu else y), moments
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm_native(
-    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
-) -> tuple[Array, dict[str, Array]]:
-    """Training-mode BatchNorm (and ReLU) by the C++ kernel, its VJP by the C++ kernel."""
-    y, mean, var = native.batch_norm(x, scale, bias, epsilon, relu)
-    return y, {"mean": mean, "var": var}
-
-
-def _batch_norm_native_fwd(
-    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
-) -> tuple[tuple[Array, dict[str, Array]], tuple[Any, ...]]:
-    y, moments = _batch_norm_native(x, scale, bias, epsilon, relu)
-    return (y, moments), (x, scale, bias, moments)
-
-
-def _batch_norm_native_bwd(
-    epsilon: float,
-    relu: bool,
-    residuals: tuple[Any, ...],
-    cotangents: tuple[Array, dict[str, Array]],
-) -> tuple[Array, Array, Array]:
-    x, scale, bias, moments = residuals
-    g, dmoments = cotangents
-    return _batch_norm_native_vjp(x, scale, bias, moments, g, dmoments, epsilon, relu)
-
-
-_batch_norm_native.defvjp(_batch_norm_native_fwd, _batch_norm_native_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _batch_norm_native_vjp(
-    x: Array,
-    scale: Array,
-    bias: Array,
-    moments: dict[str, Array],
-    g: Array,
-    dmoments: dict[str, Array],
-    epsilon: float,
-    relu: bool,
-) -> tuple[Array, Array, Array]:
-    """(dx, dscale, dbias) by the C++ kernel, given ``moments``, the batch's own (it takes
-    them instead of recomputing them). Differentiable as the VJP of :func:`_batch_norm_relu`,
-    through which x determines the moments (their own cotangent is zero)."""
-    return native.batch_norm_grad(
-        x,
-        g,
-        scale,
-        bias,
-        (moments["mean"], moments["var"]),
-        (dmoments["mean"], dmoments["var"]),
-        epsilon,
-        relu,
-    )
-
-
-def _batch_norm_native_vjp_fwd(*args: Any) -> tuple[tuple[Array, Array, Array], tuple[Any, ...]]:
-    return _batch_norm_native_vjp(*args), args[:6]  # residuals: the differentiable inputs
-
-
-def _batch_norm_native_vjp_bwd(
-    epsilon: float, relu: bool, residuals: tuple[Any, ...], cotangent: tuple[Array, ...]
-) -> tuple[Any, ...]:
-    x, scale, bias, moments, g, dmoments = residuals
-
-    def vjp(x: Array, scale: Array, bias: Array, g: Array, dmoments: dict[str, Array]) -> Any:
-        forward = functools.partial(_batch_norm_relu, epsilon=epsilon, relu=relu)
-        return jax.vjp(forward, x, scale, bias)[1]((g, dmoments))
-
-    dx, dscale, dbias, dg, ddmoments = jax.vjp(vjp, x, scale, bias, g, dmoments)[1](cotangent)
-    return dx, dscale, dbias, jax.tree.map(jnp.zeros_like, moments), dg, ddmoments
-
-
-_batch_norm_native_vjp.defvjp(_batch_norm_native_vjp_fwd, _batch_norm_native_vjp_bwd)
+batch_norm_train.defvjp(batch_norm_train_fwd, batch_norm_train_bwd)
 
 
 def fold_moments(

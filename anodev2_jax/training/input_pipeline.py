@@ -9,7 +9,8 @@
   differentiates through the scan, so the slow scanned backward pass of XLA:CPU does not
   arise. What the host path spends per step (indexing, a host→device copy, a dispatch)
   would dominate a step as small as ResNet-4's on a GPU.
-- ``"auto"``: ``"host"`` when JAX's default backend is the CPU, ``"device"`` elsewhere.
+- ``"auto"``: ``"host"`` with the CPU speed-ups (JAX's default backend is the CPU),
+  ``"device"`` elsewhere (:func:`anodev2_jax.backend.input_pipeline`).
 
 Both run the same train step on the same batches. With ``conv_impl="cpu"`` (the CPU's
 default) and one seed the device path is bit-identical to the host path on one XLA:CPU
@@ -38,6 +39,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from anodev2_jax import backend
 from anodev2_jax.training import parallel
 
 PIPELINES = ("auto", "host", "device")
@@ -51,9 +53,7 @@ def resolve_pipeline(pipeline: str) -> str:
     """``"host"`` or ``"device"``: what ``pipeline`` (one of PIPELINES) means here."""
     if pipeline not in PIPELINES:
         raise ValueError(f"input_pipeline={pipeline!r} is unknown; use one of {PIPELINES}")
-    if pipeline == "auto":
-        return "host" if jax.default_backend() == "cpu" else "device"
-    return pipeline
+    return backend.input_pipeline(pipeline)
 
 
 def dispatch_lengths(

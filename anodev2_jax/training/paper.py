@@ -1,4 +1,4 @@
-"""The numbers the paper reports (SPEC §6; paper Tables 1-4 and Appendix C), for comparison.
+"""The numbers the paper reports (paper Tables 1-4 and Appendix C), for comparison.
 
 Accuracies are CIFAR-10 test accuracies in percent over five runs, as (min, max, mean);
 parameter counts are Table 3's, in thousands, as printed.

@@ -13,13 +13,13 @@ compute the same numbers (up to summation order):
 - ``"vmap"``: ``jax.vmap``, one batched program; how k small models fill a GPU or TPU.
 - ``"loop"``: the k per-seed steps one after another inside the one jitted program, an
   unrolled Python loop (k copies of the step in the program). On XLA:CPU, ``vmap`` over
-  weights turns every convolution into a grouped convolution: a vmapped step of 3 ResNet-4s
-  ran 3.5-5× slower than 3 separate steps, while the loop ran as fast as them (within the
-  noise of a loaded machine; ``benchmarks/seeds.py``). ``jax.lax.map`` ran as fast too and
-  compiles one copy, but XLA rounds its loop body differently from a separate step, and
+  weights turns every convolution into a grouped convolution, several times slower than
+  separate steps, while the loop runs as fast as them (``benchmarks/seeds.py`` measures
+  both). ``jax.lax.map`` is as fast too and compiles one copy, but XLA rounds its loop body differently from a separate step, and
   training amplifies that (measured: 7e-2 apart after 12 steps), where the unrolled loop
   stays within float32 rounding of the separate runs (2e-7).
-- ``"auto"``: ``"loop"`` when JAX's default backend is the CPU, ``"vmap"`` elsewhere.
+- ``"auto"``: ``"loop"`` with the CPU speed-ups (JAX's default backend is the CPU), ``"vmap"``
+  elsewhere (:func:`anodev2_jax.backend.seed_batching`).
 
 ``num_seeds = 1`` keeps the state without a seed axis: exactly the single-seed run.
 """
@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anodev2_jax import backend
+
 PyTree = Any
 
 BATCHINGS = ("auto", "loop", "vmap")
@@ -43,9 +45,7 @@ def resolve_batching(batching: str) -> str:
     """``"loop"`` or ``"vmap"``: the strategy ``batching`` (one of BATCHINGS) means here."""
     if batching not in BATCHINGS:
         raise ValueError(f"seed_batching={batching!r} is unknown; use one of {BATCHINGS}")
-    if batching == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "vmap"
-    return batching
+    return backend.seed_batching(batching)
 
 
 def seed_list(first_seed: int, num_seeds: int) -> list[int]:

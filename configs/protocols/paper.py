@@ -1,4 +1,4 @@
-"""The paper's protocol (SPEC §5-6): every model × variant, five seeds, the paper's schedule.
+"""The paper's protocol (Appendix C, Tables 1-4): every model × variant, five seeds, its schedule.
 
     python reproduce.py --protocol=paper --workdir=runs/paper
     python reproduce.py --protocol=paper --models=resnet4 --workdir=runs/paper   # 25 runs

@@ -8,6 +8,7 @@ import pytest
 from conftest import tree_relative_error
 from jax.test_util import check_grads
 
+from anodev2_jax.cpu import conv as cpu_conv
 from anodev2_jax.cpu import native
 from anodev2_jax.nn import conv as conv_lib
 from anodev2_jax.nn.conv import conv2d
@@ -192,7 +193,7 @@ def _native_operands(shape, pads, stride, dtype):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
     kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), dtype)
-    y = conv_lib._conv_xla(x, kernel, stride, pads)
+    y = conv_lib.conv_xla(x, kernel, stride, pads)
     return x, kernel, y, jnp.asarray(rng.standard_normal(y.shape), dtype)
 
 
@@ -214,7 +215,7 @@ def test_native_kernel_grad_equals_xla(shape, pads, stride):
     kernel_shape = (shape[5], shape[5], shape[3], shape[4])
     for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
         x, _, _, g = _native_operands(shape, pads, stride, dtype)
-        expected = conv_lib.kernel_grad(x, g, kernel_shape, stride, pads)
+        expected = cpu_conv.kernel_grad(x, g, kernel_shape, stride, pads)
         before = (pads[0][0], pads[1][0])
         got = jax.jit(native.kernel_grad, static_argnums=(2, 3, 4))(
             x, g, kernel_shape[:2], before, stride
@@ -241,12 +242,12 @@ def test_native_winograd_conv_and_kernel_grad_equal_xla(shape, pads, k):
     for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
         x = jnp.asarray(rng.standard_normal((n, h, w, cin)), dtype)
         kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), dtype)
-        expected = conv_lib._conv_xla(x, kernel, 1, pads)
+        expected = conv_lib.conv_xla(x, kernel, 1, pads)
         got = jax.jit(native.winograd, static_argnums=2)(x, kernel, pads)
         assert got.dtype == dtype and got.shape == expected.shape
         assert tree_relative_error(got, expected) <= tolerance
         g = jnp.asarray(rng.standard_normal(expected.shape), dtype)
-        expected_dw = conv_lib.kernel_grad(x, g, kernel.shape, 1, pads)
+        expected_dw = cpu_conv.kernel_grad(x, g, kernel.shape, 1, pads)
         before = (pads[0][0], pads[1][0])
         got_dw = jax.jit(native.winograd_kernel_grad, static_argnums=(2, 3))(x, g, k, before)
         assert got_dw.dtype == dtype
@@ -268,9 +269,9 @@ def test_native_winograd_float32_at_full_size(shape, k):
     p = k // 2
     pads = ((p, p), (p, p))
     y = jax.jit(native.winograd, static_argnums=2)(x, kernel, pads)
-    assert tree_relative_error(y, conv_lib._conv_xla(x, kernel, 1, pads)) <= 1e-5
+    assert tree_relative_error(y, conv_lib.conv_xla(x, kernel, 1, pads)) <= 1e-5
     dw = jax.jit(native.winograd_kernel_grad, static_argnums=(2, 3))(x, g, k, (p, p))
-    assert tree_relative_error(dw, conv_lib.kernel_grad(x, g, kernel.shape, 1, pads)) <= 1e-5
+    assert tree_relative_error(dw, cpu_conv.kernel_grad(x, g, kernel.shape, 1, pads)) <= 1e-5
 
 
 def test_without_a_compiler_conv2d_warns_once_and_uses_xla(monkeypatch):

@@ -9,7 +9,6 @@ shapes compile once; parameter counts use jax.eval_shape and compute nothing.
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,14 +16,13 @@ import pytest
 from conftest import tree_allclose, tree_relative_error
 
 from anodev2_jax import MLP, RDA, Dirac, DiracPlus, Exponential, Linear, Mixing, Zero
-from anodev2_jax.cpu import native
+from anodev2_jax.nn import blocks, models
 from anodev2_jax.nn import conv as conv_lib
-from anodev2_jax.nn import models
 from anodev2_jax.nn import normalization as norm_lib
 
 F64 = jnp.float64
 
-# Baselines are SPEC §5's; ODE blocks with static θ add nothing; RDA adds four scalars per
+# Baselines are the paper's Table 3; ODE blocks with static θ add nothing; RDA adds four scalars per
 # evolved kernel (ResNet-4: 2 kernels, ResNet-10: 6, AlexNet: 1).
 PARAM_COUNTS = {
     "alexnet": (1_756_682, 1_756_682, 1_756_682, 1_756_686, 1_756_686),
@@ -200,7 +198,8 @@ def test_conv_impl_reaches_every_convolution(monkeypatch):
         impls.append(impl)
         return conv_lib.conv2d(x, w, stride, padding, "xla")
 
-    monkeypatch.setattr(models, "conv2d", recording_conv2d)
+    monkeypatch.setattr(models, "conv2d", recording_conv2d)  # ConvBN, DownBlock
+    monkeypatch.setattr(blocks, "conv2d", recording_conv2d)  # the ODE blocks' fields
     abstract_variables(models.ResNet10(conv_impl="probe"))
     assert impls == ["probe"] * 10  # conv1, 2 × 2 in layer1, 3 in layer2_1, 2 in layer2_2
 
@@ -235,7 +234,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="normalized float images"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False)
     with pytest.raises(ValueError, match=r"pass channels=z\.shape"):
-        abstract_variables(models.ODEBlock(4), shape=(1, 6, 6, 3))
+        abstract_variables(blocks.ODEBlock(4), shape=(1, 6, 6, 3))
 
 
 def test_variant_configs_follow_the_paper():
@@ -338,8 +337,8 @@ def reference_block(z, params, stats, num_steps, train):
 @pytest.mark.parametrize("gradient", ["dto", "otd", "backprop"])
 def test_running_statistics_fold_each_evaluations_forward_moments_once_per_step(gradient):
     num_steps, momentum = 3, norm_lib.BN_MOMENTUM
-    block = models.ODEBlock(
-        3, "resnet", models.ODEConfig(num_z_steps=num_steps, gradient=gradient), dtype=F64
+    block = blocks.ODEBlock(
+        3, "resnet", blocks.ODEConfig(num_z_steps=num_steps, gradient=gradient), dtype=F64
     )
     z = normal((2, 6, 6, 3), 4)
     variables = random_variables(block, 5, shape=z.shape)
@@ -377,8 +376,8 @@ def test_running_statistics_fold_each_evaluations_forward_moments_once_per_step(
 
 @pytest.mark.parametrize("norm_params", ["shared", "per_evaluation"])
 def test_evaluation_n_normalizes_with_its_own_running_statistics(norm_params):
-    ode = models.ODEConfig(num_z_steps=3, norm_params=norm_params)
-    block = models.ODEBlock(3, "resnet", ode, dtype=F64)
+    ode = blocks.ODEConfig(num_z_steps=3, norm_params=norm_params)
+    block = blocks.ODEBlock(3, "resnet", ode, dtype=F64)
     z = normal((2, 6, 6, 3), 4)
     variables = random_variables(block, 5, shape=z.shape)
     params, stats = variables["params"], variables["batch_stats"]
@@ -391,8 +390,8 @@ def test_evaluation_n_normalizes_with_its_own_running_statistics(norm_params):
 
 
 def test_per_evaluation_norm_params_in_training_equal_the_reference_and_get_gradients():
-    ode = models.ODEConfig(num_z_steps=3, norm_params="per_evaluation")
-    block = models.ODEBlock(3, "resnet", ode, dtype=F64)
+    ode = blocks.ODEConfig(num_z_steps=3, norm_params="per_evaluation")
+    block = blocks.ODEBlock(3, "resnet", ode, dtype=F64)
     z = normal((2, 6, 6, 3), 4)
     variables = random_variables(block, 5, shape=z.shape)
     out, _ = block.apply(variables, z, train=True, mutable=["batch_stats"])
@@ -406,44 +405,6 @@ def test_per_evaluation_norm_params_in_training_equal_the_reference_and_get_grad
     grads = jax.grad(loss)(variables["params"])
     for name in ("bn1", "bn2"):  # every evaluation's own scale and offset are trained
         assert all(np.all(np.abs(g).sum(axis=1) > 0) for g in grads[name].values())
-
-
-def test_max_pool_equals_flax_max_pool_and_its_gradient_without_ties():
-    x = normal((2, 8, 8, 3), 3)
-    for size in (2, 4, 8):
-        flax_pool = lambda x: nn.max_pool(x, (size, size), strides=(size, size))  # noqa: B023
-        pool = functools.partial(models.max_pool, size=size)
-        np.testing.assert_array_equal(pool(x), flax_pool(x))
-        cotangent = normal(pool(x).shape, 4)
-        grads = [jax.vjp(p, x)[1](cotangent)[0] for p in (pool, flax_pool)]
-        np.testing.assert_array_equal(*grads)
-    with pytest.raises(ValueError, match="window 3 does not divide the input's 8x8"):
-        models.max_pool(x, 3)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-def test_max_pool_cpu_gradient_equals_xla_with_ties(dtype):
-    """impl="cpu" (the C++ gradient) equals XLA's derivative, first and second order, where
-    ReLU zeros and a copied value tie in windows of 2 and 8."""
-    assert native.available(), "the C++ kernels did not build; see the warning"
-    x = jnp.maximum(normal((3, 16, 16, 20), 5), 0).astype(dtype)
-    x = x.at[0, 0, 1, 0].set(x[0, 0, 0, 0])
-    for size in (2, 8):
-        g = normal((3, 16 // size, 16 // size, 20), 6).astype(dtype)
-
-        def grads(impl, size=size, g=g):
-            def penalty(x):
-                _, vjp = jax.vjp(lambda x: models.max_pool(x, size, impl) ** 2, x)
-                return jnp.sum(jnp.sin(vjp(g)[0]))
-
-            dx = jax.vjp(lambda x: models.max_pool(x, size, impl), x)[1](g)[0]
-            return dx, jax.grad(penalty)(x)
-
-        cpu, xla = grads("cpu"), grads("xla")
-        jaxpr = str(jax.make_jaxpr(lambda x, size=size: grads("cpu", size))(x))
-        assert "anodev2_max_pool_grad" in jaxpr
-        for ours, theirs in zip(cpu, xla, strict=True):
-            np.testing.assert_array_equal(ours, theirs)
 
 
 # -- gradients -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from test_models import random_variables
 
 from anodev2_jax import coupled_solve, training
 from anodev2_jax.kkt import kkt_gradients
-from anodev2_jax.nn import models
+from anodev2_jax.nn import blocks, models
 from anodev2_jax.nn import normalization as norm_lib
 
 pytestmark = pytest.mark.gradients
@@ -59,7 +59,7 @@ def cut_at_block(loss):
     returned together with the block's input z0(params)."""
 
     def split(params, z1):
-        with models.ode_block_replaced(z1) as block_inputs:
+        with blocks.ode_block_replaced(z1) as block_inputs:
             value = loss(params)
         return value, block_inputs[0]
 
@@ -91,7 +91,7 @@ def test_kkt_recursion_on_the_block_gives_the_model_gradient(variant, norm_param
     def f(z, theta, norms, k):
         """The block's field at evaluation k (per-evaluation scale and offset: row k)."""
         norms = {name: norm_lib.at_evaluation(norm, k) for name, norm in norms.items()}
-        return models.resnet_field(z, theta, norms, train=True, conv_impl=model.conv_impl)
+        return blocks.resnet_field(z, theta, norms, train=True, conv_impl=model.conv_impl)
 
     solve_kwargs = dict(
         evolution=ode.evolution,

@@ -1,5 +1,6 @@
-"""normalization: BatchNorm's closed-form training gradient and its C++ kernel, folding of the
-running statistics, and the per-evaluation helpers of the ODE blocks."""
+"""normalization: BatchNorm's closed-form training gradient, its offset, folding of the running
+statistics, and the per-evaluation helpers of the ODE blocks (the C++ kernel:
+tests/cpu/test_batch_norm.py)."""
 
 import flax.linen as nn
 import jax
@@ -12,8 +13,7 @@ from jax.test_util import check_grads
 from test_models import normal
 
 from anodev2_jax import RDA
-from anodev2_jax.cpu import native
-from anodev2_jax.nn import models
+from anodev2_jax.nn import blocks, models
 from anodev2_jax.nn import normalization as norm_lib
 
 
@@ -44,37 +44,6 @@ def test_training_batch_norm_gradient_is_autodiff_of_its_formula():
     check_grads(loss(closed_form), args, order=2, modes=("rev",))
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-def test_cpu_batch_norm_equals_the_formula_to_second_order(dtype, relu):
-    """impl="cpu" (csrc/batch_norm.cc) against impl="xla": output, moments, gradient and a
-    Hessian-vector product, float64 ≤ 1e-12, float32 ≤ 1e-5; 20 channels (a vector and a
-    tail), a mean 30 standard deviations from zero."""
-    assert native.available(), "the C++ kernels did not build; see the warning"
-    x = (normal((3, 4, 5, 20), 0) * 0.1 + 3.0).astype(dtype)
-    scale, bias = normal((20,), 1).astype(dtype), normal((20,), 2).astype(dtype)
-    v = normal(x.shape, 3).astype(dtype)
-    weights = jnp.cos(jnp.arange(x.size, dtype=dtype)).reshape(x.shape)
-
-    def run(impl):
-        def bn(x, scale, bias):
-            norm = {"scale": scale, "bias": bias}
-            return norm_lib.batch_norm(x, norm, True, relu=relu, impl=impl)
-
-        def loss(x, scale, bias):
-            y, moments = bn(x, scale, bias)
-            return jnp.sum(weights * y**2) + jnp.sum(jnp.sin(moments["mean"]) + moments["var"] ** 2)
-
-        hvp = jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x, scale, bias), v))
-        return jax.jit(lambda *a: (bn(*a), jax.grad(loss, (0, 1, 2))(*a), hvp(a[0])))
-
-    cpu, xla = run("cpu"), run("xla")
-    assert "anodev2_batch_norm_grad" in str(jax.make_jaxpr(cpu)(x, scale, bias))
-    tol = 1e-12 if dtype == jnp.float64 else 1e-5
-    for ours, theirs in zip(cpu(x, scale, bias), xla(x, scale, bias), strict=True):
-        assert tree_relative_error(ours, theirs) < tol
-
-
 @pytest.mark.parametrize("impl", ["xla", "cpu"])
 def test_batch_norm_offset_equals_normalizing_x_plus_offset(impl):
     """offset= (added to the mean, not to x) against BatchNorm of x + offset: output, moments
@@ -103,19 +72,6 @@ def test_batch_norm_offset_equals_normalizing_x_plus_offset(impl):
         norm_lib.batch_norm(x + offset[None, None, None], running, False)[0],
     ]
     assert tree_relative_error(*evals) < 1e-14
-
-
-def test_cpu_batch_norm_relu_keeps_nan():
-    """A NaN input stays NaN through the fused ReLU (as through jax.nn.relu), so that the
-    training loop's NaN guard sees it."""
-    assert native.available(), "the C++ kernels did not build; see the warning"
-    x = normal((2, 2, 2, 16), 0).astype(jnp.float32).at[0, 0, 0, 3].set(jnp.nan)
-    norm = {"scale": jnp.ones(16, jnp.float32), "bias": jnp.zeros(16, jnp.float32)}
-    bn = lambda x: norm_lib.batch_norm(x, norm, True, relu=True, impl="cpu")
-    assert "anodev2_batch_norm" in str(jax.make_jaxpr(bn)(x))
-    y, moments = bn(x)
-    assert np.isnan(y[..., 3]).all() and np.isnan(moments["mean"][3])
-    assert not np.isnan(np.delete(np.asarray(y), 3, axis=-1)).any()
 
 
 def test_fold_moments_applies_momentum_once_per_row():
@@ -166,12 +122,12 @@ def gratings(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 class SmallODENet(nn.Module):
     """Stem ConvBN 3→8, one ResNet ODE block, global mean pool, fc 8→10."""
 
-    ode: models.ODEConfig
+    ode: blocks.ODEConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = models.ConvBN(8, 3, padding=1, name="stem")(x, train)
-        x = models.ODEBlock(8, "resnet", self.ode, name="block")(x, train)
+        x = blocks.ODEBlock(8, "resnet", self.ode, name="block")(x, train)
         return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
@@ -179,8 +135,8 @@ class SmallODENet(nn.Module):
 @pytest.mark.parametrize(
     "ode",
     [
-        models.ODEConfig(num_z_steps=2),  # ANODE's block
-        models.ODEConfig(num_z_steps=3, evolution=RDA()),  # ANODEV2 conf1's, Nz = Nw = 3
+        blocks.ODEConfig(num_z_steps=2),  # ANODE's block
+        blocks.ODEConfig(num_z_steps=3, evolution=RDA()),  # ANODEV2 conf1's, Nz = Nw = 3
     ],
     ids=["anode", "anodev2"],
 )
