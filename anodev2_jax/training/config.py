@@ -97,11 +97,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     model_from_config(config)
 
 
-def model_from_config(config: ml_collections.ConfigDict) -> Any:
-    """The Flax model of ``config``: model, variant, ODE overrides, conv impl and dtype.
+def model_from_config(config: ml_collections.ConfigDict, **ode_overrides: Any) -> Any:
+    """The Flax model of ``config``: model, variant, ODE overrides, conv impl and dtype;
+    ``ode_overrides`` (ODEConfig fields, e.g. an explicit ``schedule``) replace the config's.
 
     conv_impl "auto" is XLA's convolution when the seeds of a run are vmapped: under vmap the
-    conditionals of the CPU formulations (anodev2_jax.nn.conv) run both branches.
+    conditionals of the CPU formulations (anodev2_jax.cpu.conv) run both branches.
     """
     overrides = {
         name: config[name]
@@ -129,7 +130,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> Any:
         config.variant,
         conv_impl=conv_impl,
         dtype=jnp.dtype(config.dtype),
-        **overrides,
+        **(overrides | ode_overrides),
     )
 
 

@@ -15,9 +15,10 @@ compute the same numbers (up to summation order):
   unrolled Python loop (k copies of the step in the program). On XLA:CPU, ``vmap`` over
   weights turns every convolution into a grouped convolution, several times slower than
   separate steps, while the loop runs as fast as them (``benchmarks/seeds.py`` measures
-  both). ``jax.lax.map`` is as fast too and compiles one copy, but XLA rounds its loop body differently from a separate step, and
-  training amplifies that (measured: 7e-2 apart after 12 steps), where the unrolled loop
-  stays within float32 rounding of the separate runs (2e-7).
+  both). ``jax.lax.map`` is as fast too and compiles one copy, but XLA rounds its loop body
+  differently from a separate step, and training amplifies that (measured: 7e-2 apart after
+  12 steps), where the unrolled loop stays within float32 rounding of the separate runs
+  (2e-7).
 - ``"auto"``: ``"loop"`` with the CPU speed-ups (JAX's default backend is the CPU), ``"vmap"``
   elsewhere (:func:`anodev2_jax.backend.seed_batching`).
 
