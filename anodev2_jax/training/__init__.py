@@ -6,9 +6,11 @@ checkpoints.py   orbax checkpoints, and the migration of older ones
 metrics.py       metrics.jsonl, TensorBoard events, atomic JSON
 evaluation.py    test-set evaluation and the results a run reports
 loop.py          train_and_evaluate(config, workdir)
-data.py          CIFAR-10 sources, augmentation, epoch order
+data.py          CIFAR-10 for training: the source dispatch, augmentation, epoch order
+sources.py       the copies of CIFAR-10 on disk (TFDS, the lossless package, the JPEG archive)
 input_pipeline.py, seeds.py, parallel.py   how batches, seeds and devices are handled
-reproduce.py, report.py, paper.py, figures.py   the paper's tables and figures
+protocol.py, reproduce.py, report.py, paper.py, figures.py   the paper's tables and figures
+discretization.py, sweep.py   a trained run at other step counts and methods (evaluate.py)
 """
 
 from anodev2_jax.training.checkpoints import checkpoint_manager, restore_checkpoint

