@@ -139,13 +139,17 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[_Run, Tr
     return run, state
 
 
-def _log_train(run: _Run, step: int, pending: list[input_lib.Dispatch], seconds: float) -> dict:
-    """Write the pending dispatches' mean train metrics per seed; return them for the bar."""
+def _log_train(run: _Run, step: int, pending: list[input_lib.Dispatch], tick: float) -> dict:
+    """Write the pending dispatches' mean train metrics per seed; return them for the bar.
+
+    tick: when the first of them was dispatched. Dispatches return before the steps end, so
+    the images per second are timed once their metrics are on the host."""
     config, num_steps = run.config, sum(n for _, n, _ in pending)
     values = seeds_lib.per_seed(
         metrics_lib.check_finite(run.feed.fetch(pending), run.checkpoints, run.seeds),
         config.num_seeds,
     )
+    seconds = time.time() - tick
     rate = num_steps * config.batch_size * config.num_seeds / seconds  # all seeds together
     for seed_values in values:
         seed_values["images_per_sec"] = rate
@@ -193,7 +197,7 @@ def _train_epoch(
         if boundary or jax.process_count() == 1:
             stopping = parallel.any_process(bool(stop))
         if boundary or stopping:
-            bar.set_postfix(**_log_train(run, step, pending, time.time() - tick))
+            bar.set_postfix(**_log_train(run, step, pending, tick))
             pending, tick = [], time.time()
         if stopping:
             break

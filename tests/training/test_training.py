@@ -348,3 +348,23 @@ def test_fractional_decay_epochs_fall_on_their_steps():
     np.testing.assert_allclose(
         [schedule(s) for s in (642, 643, 1285, 1286)], [0.1, 0.01, 0.01, 0.001], rtol=1e-6
     )
+
+
+def test_images_per_second_count_the_steps_until_their_metrics_arrive(tmp_path, monkeypatch):
+    """Dispatches return before their steps end: a logged rate must include the wait for
+    the metrics (here made 0.5 s per log boundary), not only the dispatching."""
+    from anodev2_jax.training import input_pipeline
+
+    fetch = input_pipeline.HostInput.fetch
+
+    def slow_fetch(self, pending):
+        time.sleep(0.5)
+        return fetch(self, pending)
+
+    monkeypatch.setattr(input_pipeline.HostInput, "fetch", slow_fetch)
+    config = tiny_config(num_epochs=1, input_pipeline="host")
+    training.train_and_evaluate(config, tmp_path)
+    records = training.read_metrics(tmp_path / "metrics.jsonl")
+    rates = [r["images_per_sec"] for r in records if r["kind"] == "train"]
+    # each boundary logs 2 steps of 16 images after at least 0.5 s
+    assert rates and max(rates) <= 2 * 16 / 0.5
