@@ -27,13 +27,14 @@ STEPS = (1, 2, 3, 5, 8, 10, 20, 50)
 METHODS = ("euler", "rk2", "rk4")
 
 
-def _row(evaluation: disc.Evaluation, trained: bool) -> dict[str, Any]:
+def _row(evaluation: disc.Evaluation, trained: bool, varies: str) -> dict[str, Any]:
     accuracy = [100 * a for a in evaluation.accuracy]
     return {
         **dataclasses.asdict(evaluation),
         "accuracy": accuracy,
         "summary": seeds_lib.summary(accuracy),
         "trained": trained,
+        "varies": varies,  # "num_z_steps" (Nw as the schedule ties it) or "num_w_steps"
     }
 
 
@@ -79,7 +80,8 @@ def sweep(
         )
         for mode in bn_statistics:
             evaluation = disc.evaluate_setting(run, setting, mode, recalibration_batches)
-            rows.append(_row(evaluation, trained))
+            varies = "num_z_steps" if setting.num_w_steps is None else "num_w_steps"
+            rows.append(_row(evaluation, trained, varies))
             summary = rows[-1]["summary"]
             log(
                 f"Nz={evaluation.num_z_steps} Nw={evaluation.num_w_steps} "
@@ -132,7 +134,9 @@ def plot_sweep(rows: list[dict[str, Any]], title: str) -> Any:
     figure = Figure(figsize=(7.5, 4.5))
     ax = figure.add_subplot()
     cost = ax.twinx()
-    evaluated = [r for r in rows if "skipped" not in r and r["num_z_steps"] is not None]
+    evaluated = [
+        r for r in rows if "skipped" not in r and r.get("varies", "num_z_steps") == "num_z_steps"
+    ]
     colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
     styles = {"interpolate": "-", "recalibrate": "--"}
     for method in METHODS:
@@ -218,3 +222,39 @@ def title_of(run: disc.TrainedRun) -> str:
 def read_sweep(out: str | Path) -> dict[str, Any]:
     """A written sweep.json."""
     return dict(json.loads((Path(out) / "sweep.json").read_text()))
+
+
+def comparison_markdown(sweeps: dict[str, list[dict[str, Any]]]) -> str:
+    """One table of several runs' sweeps: per method and Nz, each run's mean accuracy over
+    its seeds (min–max) with the better of its statistics handlings (i: interpolate, r:
+    recalibrate); * marks a run's training setting, – a setting not evaluated."""
+    best: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+    for name, rows in sweeps.items():
+        for row in rows:
+            if "skipped" in row or row.get("varies", "num_z_steps") != "num_z_steps":
+                continue
+            key = (row["method"], row["num_z_steps"])
+            held = best.setdefault(name, {}).get(key)
+            if held is None or row["summary"]["mean"] > held["summary"]["mean"]:
+                best[name][key] = row
+    keys = sorted(
+        {k for rows in best.values() for k in rows}, key=lambda k: (METHODS.index(k[0]), k[1])
+    )
+    lines = [
+        "| method | Nz | " + " | ".join(sweeps) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in sweeps) + " |",
+    ]
+    for method, nz in keys:
+        cells = []
+        for name in sweeps:
+            chosen = best.get(name, {}).get((method, nz))
+            if chosen is None:
+                cells.append("–")
+                continue
+            s = chosen["summary"]
+            cells.append(
+                f"{s['mean']:.2f}{'*' if chosen['trained'] else ''} "
+                f"({s['min']:.1f}–{s['max']:.1f}, {chosen['bn_statistics'][0]})"
+            )
+        lines.append(f"| {method} | {nz} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -119,6 +119,9 @@ def test_the_sweep_writes_its_table_and_plot(conf1_run, tmp_path):
     table = (out / "sweep.md").read_text()
     assert "| 2* | 2 | euler | interpolate |" in table and (out / "sweep.png").stat().st_size
     assert sweep_lib.read_sweep(out)["rows"][0]["accuracy"] == evaluated[0]["accuracy"]
+    both = sweep_lib.comparison_markdown({"a": rows, "b": rows[:4]}).splitlines()
+    assert both[0] == "| method | Nz | a | b |" and len(both) == 2 + 4  # (euler, rk2) x (1, 2)
+    assert both[3].startswith("| euler | 2 | ") and "*" in both[3] and both[-1].endswith("| – |")
 
 
 def test_conf2_sweeps_nz_with_theta_0_then_theta_1_and_euler_only():
