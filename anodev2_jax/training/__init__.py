@@ -20,6 +20,7 @@ from anodev2_jax.training.config import (
     learning_rate_schedule,
     make_optimizer,
     model_from_config,
+    run_config,
     seeds_of,
 )
 from anodev2_jax.training.evaluation import evaluate, per_seed_results
@@ -63,6 +64,7 @@ __all__ = [
     "per_seed_results",
     "read_metrics",
     "restore_checkpoint",
+    "run_config",
     "seeds_of",
     "state_step",
     "train_and_evaluate",

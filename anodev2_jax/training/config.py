@@ -7,6 +7,8 @@ loaded or anything compiled.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -173,4 +175,17 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
         *clip,
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
+    )
+
+
+def run_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The training config of a run: its results.json's, or the harness's config.json."""
+    for name, key in (("results.json", "config"), ("config.json", None)):
+        path = workdir / name
+        if path.exists():
+            saved = json.loads(path.read_text())
+            return ml_collections.ConfigDict(saved[key] if key else saved)
+    raise ValueError(
+        f"{workdir} has neither results.json nor config.json: pass the --workdir of a run "
+        "(train.py or reproduce.py)"
     )

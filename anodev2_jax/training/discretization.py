@@ -50,6 +50,7 @@ from anodev2_jax.training.config import (
     data_seed,
     make_optimizer,
     model_from_config,
+    run_config,
     seeds_of,
 )
 from anodev2_jax.training.steps import TrainState, create_state, make_eval_step, over_run
@@ -83,13 +84,6 @@ class TrainedRun:
         """The trained ODE blocks' plan; None for the baseline."""
         ode = model_from_config(self.config).ode
         return None if ode is None else ode.plan()
-
-
-def run_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The training config a run wrote (results.json's, else the harness's config.json)."""
-    from anodev2_jax.training import figures  # the figures read run directories the same way
-
-    return figures.run_config(workdir)
 
 
 def load_run(workdir: str | Path, data_source: str | None = None) -> TrainedRun:

@@ -16,7 +16,6 @@ it, one colour per variant.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ from anodev2_jax import training
 from anodev2_jax.nn import models
 from anodev2_jax.training import paper
 from anodev2_jax.training import seeds as seeds_lib
+from anodev2_jax.training.config import run_config
 
 PyTree = Any
 
@@ -71,19 +71,6 @@ class AccuracyCurve:
     epochs: np.ndarray
     accuracy: np.ndarray
     num_epochs: int
-
-
-def run_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The training config of a run: its results.json's, or the harness's config.json."""
-    for name, key in (("results.json", "config"), ("config.json", None)):
-        path = workdir / name
-        if path.exists():
-            saved = json.loads(path.read_text())
-            return ml_collections.ConfigDict(saved[key] if key else saved)
-    raise ValueError(
-        f"{workdir} has neither results.json nor config.json: pass the --workdir of a run "
-        "(train.py or reproduce.py)"
-    )
 
 
 def restore_params(workdir: Path, config: ml_collections.ConfigDict, seed_index: int) -> PyTree:

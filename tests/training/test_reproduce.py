@@ -229,7 +229,7 @@ def test_figure_of_the_second_seed_of_a_conf1_cell(harness, tmp_path):
     assert (evolution.seed, evolution.block, evolution.kernel) == (1, "layer1_1", "conv1")
     assert evolution.kernels.shape == (6, 3, 3)
     np.testing.assert_allclose(evolution.times, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    config = figures.run_config(cell)
+    config = training.run_config(cell)
     params = figures.restore_params(cell, config, 1)
     w0 = np.asarray(params["layer1_1"]["w0"]["conv1"])
     np.testing.assert_array_equal(evolution.kernels[0], w0[:, :, 0, 0])  # t = 0 is the trained w0
