@@ -1,4 +1,4 @@
-"""Subprocess of tests/test_parallel.py: observations on forced CPU devices, then a run.
+"""Subprocess of tests/training/test_parallel.py: observations on forced CPU devices, then a run.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
         python tests/parallel_worker.py OVERRIDES_JSON WORKDIR REPORT_JSON

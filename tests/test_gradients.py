@@ -6,7 +6,7 @@ own parameters c are differentiated too.
 
 Everything runs eagerly (no jit) on tiny float64 problems, so the few primitive shapes compile
 once and are shared by all cases. The whole-model gradient checks belong in
-tests/test_models_gradients.py, next to the models.
+tests/nn/test_models_gradients.py, next to the models.
 """
 
 import dataclasses

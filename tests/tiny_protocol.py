@@ -1,4 +1,4 @@
-"""A protocol of tiny synthetic cells for tests/test_reproduce.py: seconds, not hours.
+"""A protocol of tiny synthetic cells for tests/training/test_reproduce.py: seconds, not hours.
 
 ResNet-4 baseline and anodev2_conf1, 2 seeds vmapped, 2 epochs of 6 steps on 96 synthetic
 images. Loadable by path: python reproduce.py --protocol=tests/tiny_protocol.py
@@ -18,7 +18,7 @@ TRAINING = {
     "log_every_steps": 2,
     "learning_rate": 0.02,
     "progress_bar": False,
-    "seed_batching": "vmap",  # vmap end to end here; tests/test_training.py runs the loop
+    "seed_batching": "vmap",  # vmap end to end here; tests/training/test_training.py runs the loop
     "max_checkpoints_to_keep": 2,
 }
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from anodev2_jax.training.steps import TrainState, state_step
+from anodev2_jax.training.config import make_optimizer, model_from_config
+from anodev2_jax.training.steps import TrainState, create_state, state_step
 
 PyTree = Any
 
@@ -39,8 +40,12 @@ def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
         manager.wait_until_finished()
 
 
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape")  # arrays, and the ShapeDtypeStructs of checkpoint metadata
+
+
 def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_array)
     return {jax.tree_util.keystr(path): tuple(x.shape) for path, x in leaves}
 
 
@@ -93,9 +98,7 @@ def restore_checkpoint(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
     )
     saved_stats = manager.item_metadata(step).tree["batch_stats"]
-    saved_shapes = [
-        tuple(m.shape) for m in jax.tree.leaves(saved_stats, is_leaf=lambda x: hasattr(x, "shape"))
-    ]
+    saved_shapes = [tuple(m.shape) for m in jax.tree.leaves(saved_stats, is_leaf=_is_array)]
     template_leaves, treedef = jax.tree.flatten(template.batch_stats)
     if all(s == t.shape for s, t in zip(saved_shapes, template_leaves, strict=True)):
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -123,3 +126,21 @@ def restore_checkpoint(
         out_shardings=sharding,
     )
     return state.replace(batch_stats=per_evaluation(state.batch_stats))
+
+
+def restore_run(workdir: Path, config: Any, sharding: Any = None) -> TrainState:
+    """The latest checkpoint of the run in ``workdir``, made with ``config`` (every seed);
+    ValueError naming the fix when the run has none."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise ValueError(f"{directory} holds no checkpoint; train the run first")
+    manager = checkpoint_manager(directory)
+    try:
+        if manager.latest_step() is None:
+            raise ValueError(f"{directory} holds no checkpoint; train the run first")
+        model = model_from_config(config)
+        optimizer = make_optimizer(config, steps_per_epoch=1)  # the state's structure only
+        template = jax.eval_shape(lambda: create_state(model, optimizer, config))
+        return restore_checkpoint(manager, template, sharding)
+    finally:
+        manager.close()

@@ -54,8 +54,8 @@ SOURCES = ("auto", "tfds", "lossless", "bundled", "synthetic")
 
 # Per-channel mean and standard deviation (over all pixels of all images) of the lossless
 # CIFAR-10 training set, on the [0, 1] scale. On the bundled JPEG copy the means agree to
-# 1e-4 and the standard deviations are 0.001-0.002 lower (JPEG smooths); tests/test_data.py
-# checks this, and one pair of constants serves every source.
+# 1e-4 and the standard deviations are 0.001-0.002 lower (JPEG smooths);
+# tests/training/test_sources.py checks this, and one pair of constants serves every source.
 MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import functools
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -78,8 +79,11 @@ class TrainedRun:
     state: TrainState
     dataset: data_lib.CIFAR10
     mesh: jax.sharding.Mesh
+    # FLOPs per image by setting (sorted ODE overrides): one compile each, whatever the
+    # statistics handling.
+    flops: dict[tuple[Any, ...], float] = dataclasses.field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def plan(self) -> solve_lib.Plan | None:
         """The trained ODE blocks' plan; None for the baseline."""
         ode = model_from_config(self.config).ode
@@ -92,10 +96,6 @@ def load_run(workdir: str | Path, data_source: str | None = None) -> TrainedRun:
     none."""
     workdir = Path(workdir)
     config = run_config(workdir)
-    directory = workdir / "checkpoints"
-    manager = checkpoints_lib.checkpoint_manager(directory) if directory.is_dir() else None
-    if manager is None or manager.latest_step() is None:
-        raise ValueError(f"{directory} holds no checkpoint; train the run first (train.py)")
     if data_source is not None:
         if data_source not in data_lib.SOURCES:
             raise ValueError(
@@ -104,11 +104,7 @@ def load_run(workdir: str | Path, data_source: str | None = None) -> TrainedRun:
         config = copy.deepcopy(config)
         config.data_source = data_source
     mesh = parallel.make_mesh()
-    model = model_from_config(config)
-    optimizer = make_optimizer(config, steps_per_epoch=1)  # the state's structure only
-    template = jax.eval_shape(lambda: create_state(model, optimizer, config))
-    state = checkpoints_lib.restore_checkpoint(manager, template, parallel.replicated(mesh))
-    manager.close()
+    state = checkpoints_lib.restore_run(workdir, config, parallel.replicated(mesh))
     sizes = {k: config[k] for k in ("num_train", "num_test") if config.get(k) is not None}
     dataset = data_lib.load_cifar10(
         config.data_source, data_dir=config.get("data_dir"), seed=data_seed(config), **sizes
@@ -276,7 +272,15 @@ def recalibrate(run: TrainedRun, model: Any, state: TrainState, num_batches: int
 
 
 def flops_per_image(run: TrainedRun, overrides: dict[str, Any]) -> float:
-    """XLA's FLOPs of one seed's eval step per image at the setting of ``overrides``."""
+    """XLA's FLOPs of one seed's eval step per image at the setting of ``overrides``
+    (compiled once per setting and run)."""
+    key = tuple(sorted(overrides.items()))
+    if key not in run.flops:
+        run.flops[key] = _count_flops(run, overrides)
+    return run.flops[key]
+
+
+def _count_flops(run: TrainedRun, overrides: dict[str, Any]) -> float:
     config = copy.deepcopy(run.config)
     config.conv_impl = "xla"
     config.num_seeds = 1

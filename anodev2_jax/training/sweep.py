@@ -145,12 +145,6 @@ def plot_sweep(rows: list[dict[str, Any]], title: str) -> Any:
                 (r for r in evaluated if r["method"] == method and r["bn_statistics"] == mode),
                 key=lambda r: (r["num_z_steps"], r["num_w_steps"]),
             )
-            line = [
-                r
-                for r in line
-                if r["num_w_steps"]
-                == min(x["num_w_steps"] for x in line if x["num_z_steps"] == r["num_z_steps"])
-            ]
             if not line:
                 continue
             nz = [r["num_z_steps"] for r in line]

@@ -1,6 +1,7 @@
 """The input pipelines: dispatch lengths, and the device pipeline against the host one in
 train_and_evaluate (the same numbers, a bit-identical resume from mid-epoch, the NaN guard's
-step, config errors). The device pipeline on several devices is in tests/test_parallel.py."""
+step, config errors). The device pipeline on several devices is in
+tests/training/test_parallel.py."""
 
 import itertools
 import json
