@@ -79,8 +79,9 @@ class TrainedRun:
     state: TrainState
     dataset: data_lib.CIFAR10
     mesh: jax.sharding.Mesh
-    # FLOPs per image by setting (sorted ODE overrides): one compile each, whatever the
-    # statistics handling.
+    # By setting (sorted ODE overrides), built once whatever the statistics handling: the
+    # eval step (one compile) and the FLOPs per image (one more).
+    eval_steps: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict, repr=False)
     flops: dict[tuple[Any, ...], float] = dataclasses.field(default_factory=dict, repr=False)
 
     @functools.cached_property
@@ -325,10 +326,13 @@ def evaluate_setting(
         state = state.replace(**carried)
     if bn_statistics == "recalibrate":
         state = state.replace(batch_stats=recalibrate(run, model, state, recalibration_batches))
-    eval_step = over_run(make_eval_step(model, jnp.dtype(config.dtype)), config, run.mesh, 3)
+    key = tuple(sorted(overrides.items()))
+    if key not in run.eval_steps:
+        step = make_eval_step(model, jnp.dtype(config.dtype))
+        run.eval_steps[key] = over_run(step, config, run.mesh, 3)
     metrics = seeds_lib.per_seed(
         evaluation.evaluate(
-            eval_step,
+            run.eval_steps[key],
             state,
             run.dataset.test_images,
             run.dataset.test_labels,
