@@ -8,7 +8,8 @@ the speed-ups off) it means the plain JAX path:
 
 - convolution ``conv_impl`` (:func:`conv_impl`): "cpu", else "xla";
 - C++ kernels of BatchNorm, the max pool and the convolution (:func:`runs_cpu_kernels`):
-  for float32/64 under any conv impl but "xla", else never, whatever the conv impl;
+  for float32/64 under any conv impl but "xla", else never, whatever the conv impl; and
+  oneDNN's convolutions (:func:`runs_onednn`) likewise, for float32;
 - seed batching (:func:`seed_batching`): "loop", else "vmap";
 - input pipeline (:func:`input_pipeline`): "host", else "device";
 - the RDA's transform (:func:`rda_transform`): "matrix" up to 64 taps, else "fft";
@@ -76,6 +77,18 @@ def runs_cpu_kernels(impl: str, dtype: Any) -> bool:
     from anodev2_jax.cpu import native  # the CPU package only where it can run
 
     return native.available()
+
+
+def runs_onednn(impl: str, dtype: Any) -> bool:
+    """Whether a convolution given the conv impl ``impl`` may run by oneDNN: impl "cpu",
+    "cpu_paired" or "auto", with the CPU speed-ups, float32 (oneDNN has no float64
+    convolution on the CPU), and oneDNN's calls built (:func:`anodev2_jax.cpu.onednn.available`,
+    which builds them on first use)."""
+    if impl == "xla" or not cpu_speedups() or jnp.dtype(dtype) != jnp.float32:
+        return False
+    from anodev2_jax.cpu import onednn  # the CPU package only where it can run
+
+    return onednn.available()
 
 
 def seed_batching(batching: str) -> str:

@@ -45,6 +45,7 @@ import numpy as np
 from jax import lax
 
 from anodev2_jax.cpu import conv as cpu_conv
+from anodev2_jax.cpu import onednn
 from anodev2_jax.nn import conv as conv_lib
 from benchmarks import common
 
@@ -58,7 +59,7 @@ SHAPES = {
     "alex_stem": (32, 3, 64, 5, 1, 2),  # AlexNet conv1
     "alex64": (16, 64, 64, 5, 1, 2),  # AlexNet ODE block
 }
-FORMULATIONS = ("xla", "cpu", "cpu_paired", "conv", "taps", "taps_barrier", "im2col")
+FORMULATIONS = ("xla", "cpu", "cpu_paired", "onednn", "conv", "taps", "taps_barrier", "im2col")
 TOLERANCE = 1e-4  # float32 sums of up to 131072 products, in a different order
 
 
@@ -180,6 +181,9 @@ def pass_functions(
 
         return fn
 
+    before = (pads[0][0], pads[1][0])
+    if onednn.available():
+        dw_of["onednn"] = lambda x, g: onednn.conv_kernel_grad(x, g, (k, k), before, stride)
     passes = {
         "fwd": ({impl: conv(impl) for impl in ("xla", "cpu", "cpu_paired")}, (x, w)),
         "dx": (
@@ -191,6 +195,14 @@ def pass_functions(
             (w, g),
         ),
         "dw": (dw_of, (x, g)),
+    }
+    if onednn.available():
+        out_hw = y_shape[1:3]
+        passes["fwd"][0]["onednn"] = lambda x, w: onednn.conv_forward(x, w, before, stride, out_hw)
+        passes["dx"][0]["onednn"] = lambda w, g: onednn.conv_input_grad(
+            g, w, x.shape, before, stride
+        )
+    passes |= {
         "dw+bn": ({name: with_bn(fn) for name, fn in dw_of.items()}, (x, g)),
     }
     return {

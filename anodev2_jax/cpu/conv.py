@@ -54,7 +54,7 @@ import numpy as np
 from jax import lax
 
 from anodev2_jax import backend
-from anodev2_jax.cpu import native
+from anodev2_jax.cpu import native, onednn
 from anodev2_jax.nn.conv import DIMENSION_NUMBERS, Pads, conv_xla
 
 # kernel size -> the C_in (and its multiples) from which impl="cpu" convolves by Winograd
@@ -66,6 +66,8 @@ _YNN_DTYPES = (jnp.float32, jnp.float64)  # the float types YNNPACK convolves (j
 def _conv(x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool) -> jax.Array:
     """The convolution as impl="cpu" (paired=False) or "cpu_paired" computes it."""
     kh, kw, cin, cout = w.shape
+    if onednn.takes("fwd", x.dtype, w.shape, stride):
+        return onednn.conv(x, w, stride, pads)
     if (kh * kw > 1 or stride > 1) and _native_conv_applies(x, cout):  # 1x1/1: a matmul
         return _conv_native(x, w, stride, pads)
     # pairing hands YNNPACK (one thread) what Eigen (all threads) would run: see the module doc
@@ -181,8 +183,13 @@ def _conv_cpu_bwd(
     g: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
-    dx = input_grad(g, w, x.shape, stride, pads, paired)
-    if (w.shape[0] * w.shape[1] > 1 or stride > 1) and _native_kernel_grad_applies(x, w.shape):
+    if onednn.takes("dx", x.dtype, w.shape, stride):
+        dx = onednn.input_grad(g, w, x.shape, stride, pads)
+    else:
+        dx = input_grad(g, w, x.shape, stride, pads, paired)
+    if onednn.takes("dw", x.dtype, w.shape, stride):
+        dw = onednn.kernel_grad(x, g, w.shape, stride, pads)
+    elif (w.shape[0] * w.shape[1] > 1 or stride > 1) and _native_kernel_grad_applies(x, w.shape):
         dw = _kernel_grad_native(x, g, w.shape, stride, pads)
     else:
         dw = materialized(lambda x, g: kernel_grad(x, g, w.shape, stride, pads), x, g)

@@ -220,16 +220,25 @@ def _build_and_register() -> bool:
 
 
 def _build() -> Path:
+    return build_library("anodev2_native", [*SOURCES, *HEADERS], FLAGS)
+
+
+def build_library(stem: str, sources: list[Path], flags: list[str]) -> Path:
+    """The shared library ``stem-<hash>.so`` compiled from the ``.cc`` files among ``sources``
+    (the others, headers, count for the hash only) with ``flags`` and jaxlib's FFI headers,
+    built once per hash of sources, compiler, flags, jaxlib version and CPU model and cached
+    under ``$ANODEV2_CACHE`` (default ``~/.cache/anodev2_jax``). Raises RuntimeError without
+    a compiler or on an unsupported OS, CalledProcessError when compiling fails."""
     if platform.system() not in ("Linux", "Darwin"):
         raise RuntimeError(f"building C++ extensions on {platform.system()} is not supported")
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    flags = [*FLAGS, f"-I{jax.ffi.include_dir()}"]
+    flags = [*flags, f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256(
         b"\0".join(
             [
-                *(path.read_bytes() for path in (*SOURCES, *HEADERS)),
+                *(path.read_bytes() for path in sources),
                 compiler.encode(),
                 " ".join(flags).encode(),
                 jaxlib.__version__.encode(),
@@ -239,14 +248,15 @@ def _build() -> Path:
         )
     ).hexdigest()[:16]
     cache = Path(os.environ.get("ANODEV2_CACHE", Path.home() / ".cache" / "anodev2_jax"))
-    library = cache / f"anodev2_native-{key}.so"
+    library = cache / f"{stem}-{key}.so"
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
+    compiled = [str(path) for path in sources if path.suffix == ".cc"]
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         built = Path(scratch) / library.name
         subprocess.run(
-            [compiler, *flags, *map(str, SOURCES), "-o", str(built)],
+            [compiler, *compiled, "-o", str(built), *flags],
             check=True,
             capture_output=True,
             text=True,

@@ -1,0 +1,260 @@
+"""oneDNN's convolutions, as XLA FFI calls for the CPU (``csrc/onednn_conv.cc``): forward,
+input gradient and kernel gradient of an NHWC × HWIO convolution in float32.
+
+oneDNN picks its kernels for the running CPU (AVX2, AVX-512, AMX) at run time. It comes
+from the ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels (the library and its
+headers, installed under ``sys.prefix``; Linux x86-64). :func:`takes` says which passes of
+which convolutions impl "cpu" gives to oneDNN; :func:`conv`, :func:`input_grad` and
+:func:`kernel_grad` are those passes, each differentiable (reverse mode, to any order) by
+XLA's formulation of its VJP. The FFI library is compiled on first
+use against them, cached like :mod:`anodev2_jax.cpu.native`'s, and registered with XLA for
+the CPU. :func:`available` says whether that worked; where it did not (no wheel, no
+compiler), :mod:`anodev2_jax.cpu.conv` uses its other formulations and says why once, as a
+warning. oneDNN convolves float32 only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anodev2_jax import backend
+from anodev2_jax.cpu import native
+from anodev2_jax.nn.conv import Pads, conv_xla
+
+SOURCE = native.CSRC / "onednn_conv.cc"
+_SYMBOLS = {  # FFI target -> handler symbol
+    "anodev2_onednn_conv_forward": "Anodev2OnednnConvForward",
+    "anodev2_onednn_conv_input_grad": "Anodev2OnednnConvInputGrad",
+    "anodev2_onednn_conv_kernel_grad": "Anodev2OnednnConvKernelGrad",
+}
+# oneDNN takes every pass from this many output channels (AlexNet's convolutions), and the
+# forward and input gradient from at most this many input channels (the stems).
+MIN_COUT = 64
+MAX_CIN_STEM = 4
+
+
+def takes(pass_name: str, dtype: Any, kernel_shape: tuple[int, ...], stride: int) -> bool:
+    """Whether oneDNN runs this pass ("fwd", "dx" or "dw") of a convolution with a kernel of
+    ``kernel_shape`` (kh, kw, Cin, Cout) under impl "cpu": float32 with the CPU speed-ups
+    (:func:`anodev2_jax.backend.runs_onednn`), where it beat the hand-written formulations
+    (BENCHMARKS.md §1): every pass from :data:`MIN_COUT` channels out; the forward and input
+    gradient from at most :data:`MAX_CIN_STEM` channels in; the input gradient at stride > 1.
+    """
+    if pass_name not in ("fwd", "dx", "dw"):
+        raise ValueError(f"pass_name={pass_name!r}; use 'fwd', 'dx' or 'dw'")
+    _, _, cin, cout = kernel_shape
+    wins = cout >= MIN_COUT
+    wins |= pass_name in ("fwd", "dx") and cin <= MAX_CIN_STEM
+    wins |= pass_name == "dx" and stride > 1
+    return wins and backend.runs_onednn("cpu", dtype)
+
+
+# -- differentiable: each oneDNN pass is a linear map whose own VJP is XLA's -----------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Array:
+    """The convolution of x (N, H, W, Cin) with w (kh, kw, Cin, Cout) by oneDNN; ``pads``:
+    ((top, bottom), (left, right)). Differentiable (reverse mode): its gradient is XLA's."""
+    _, out_h, out_w, _ = _out_shape(x, w, stride, pads)
+    return conv_forward(x, w, _before(pads), stride, (out_h, out_w))
+
+
+def _conv_fwd(
+    x: jax.Array, w: jax.Array, stride: int, pads: Pads
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return conv(x, w, stride, pads), (x, w)
+
+
+def _conv_bwd(
+    stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array], cotangent: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    _, vjp = jax.vjp(lambda x, w: conv_xla(x, w, stride, pads), *residuals)
+    dx, dw = vjp(cotangent)
+    return dx, dw
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def input_grad(
+    g: jax.Array, w: jax.Array, x_shape: tuple[int, ...], stride: int, pads: Pads
+) -> jax.Array:
+    """dL/dx (``x_shape``) of :func:`conv` from g = dL/dy, by oneDNN; differentiable."""
+    return conv_input_grad(g, w, x_shape, _before(pads), stride)
+
+
+def _input_grad_fwd(
+    g: jax.Array, w: jax.Array, x_shape: tuple[int, ...], stride: int, pads: Pads
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return input_grad(g, w, x_shape, stride, pads), (g, w)
+
+
+def _input_grad_bwd(
+    x_shape: tuple[int, ...],
+    stride: int,
+    pads: Pads,
+    residuals: tuple[jax.Array, jax.Array],
+    cotangent: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    def xla_input_grad(g: jax.Array, w: jax.Array) -> jax.Array:
+        x = jax.ShapeDtypeStruct(x_shape, g.dtype)
+        (dx,) = jax.linear_transpose(lambda x: conv_xla(x, w, stride, pads), x)(g)
+        return dx
+
+    _, vjp = jax.vjp(xla_input_grad, *residuals)
+    dg, dw = vjp(cotangent)
+    return dg, dw
+
+
+input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def kernel_grad(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int, pads: Pads
+) -> jax.Array:
+    """dL/dw (``kernel_shape``) of :func:`conv` from x and g = dL/dy, by oneDNN;
+    differentiable."""
+    return conv_kernel_grad(x, g, kernel_shape[:2], _before(pads), stride)
+
+
+def _kernel_grad_fwd(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int, pads: Pads
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return kernel_grad(x, g, kernel_shape, stride, pads), (x, g)
+
+
+def _kernel_grad_bwd(
+    kernel_shape: tuple[int, ...],
+    stride: int,
+    pads: Pads,
+    residuals: tuple[jax.Array, jax.Array],
+    cotangent: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    def xla_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+        w = jax.ShapeDtypeStruct(kernel_shape, x.dtype)
+        (dw,) = jax.linear_transpose(lambda w: conv_xla(x, w, stride, pads), w)(g)
+        return dw
+
+    _, vjp = jax.vjp(xla_kernel_grad, *residuals)
+    dx, dg = vjp(cotangent)
+    return dx, dg
+
+
+kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
+def _before(pads: Pads) -> tuple[int, int]:
+    return pads[0][0], pads[1][0]
+
+
+def _out_shape(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> tuple[int, ...]:
+    return jax.eval_shape(lambda x, w: conv_xla(x, w, stride, pads), x, w).shape
+
+
+# -- the FFI calls: no autodiff --------------------------------------------------------------------
+def conv_forward(
+    x: jax.Array,
+    w: jax.Array,
+    pad_before: tuple[int, int],
+    stride: int,
+    out_hw: tuple[int, int],
+) -> jax.Array:
+    """y (N, Ho, Wo, Cout) = conv(x (N, H, W, Cin), w (kh, kw, Cin, Cout)); ``pad_before``:
+    the zero rows and columns before the image, ``out_hw``: (Ho, Wo) (rows and columns after
+    the image: zeros as the output needs, or unread)."""
+    out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[3]), x.dtype)
+    return _call("anodev2_onednn_conv_forward", out, x, w, pad_before, stride)
+
+
+def conv_input_grad(
+    g: jax.Array,
+    w: jax.Array,
+    x_shape: tuple[int, ...],
+    pad_before: tuple[int, int],
+    stride: int,
+) -> jax.Array:
+    """dL/dx (``x_shape``) of :func:`conv_forward` from g = dL/dy (N, Ho, Wo, Cout)."""
+    out = jax.ShapeDtypeStruct(x_shape, g.dtype)
+    return _call("anodev2_onednn_conv_input_grad", out, g, w, pad_before, stride)
+
+
+def conv_kernel_grad(
+    x: jax.Array,
+    g: jax.Array,
+    kernel_size: tuple[int, ...],
+    pad_before: tuple[int, int],
+    stride: int,
+) -> jax.Array:
+    """dL/dw (kh, kw, Cin, Cout) of :func:`conv_forward` from x and g = dL/dy."""
+    out = jax.ShapeDtypeStruct((*kernel_size, x.shape[3], g.shape[3]), x.dtype)
+    return _call("anodev2_onednn_conv_kernel_grad", out, x, g, pad_before, stride)
+
+
+def _call(
+    target: str,
+    out: jax.ShapeDtypeStruct,
+    a: jax.Array,
+    b: jax.Array,
+    pad_before: tuple[int, int],
+    stride: int,
+) -> jax.Array:
+    if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+        raise TypeError(f"oneDNN convolutions take float32, got {a.dtype} and {b.dtype}")
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    top, left = pad_before
+    return call(a, b, pad_top=np.int64(top), pad_left=np.int64(left), stride=np.int64(stride))
+
+
+def prefix() -> Path | None:
+    """Where the oneDNN wheels put ``lib/libdnnl.so`` and ``include/oneapi/dnnl``, or None."""
+    for root in (Path(sys.prefix), Path(sys.base_prefix)):
+        if (root / "lib" / "libdnnl.so").exists() and (root / "include" / "oneapi").is_dir():
+            return root
+    return None
+
+
+_available: bool | None = None  # None: not tried yet
+
+
+def available() -> bool:
+    """Whether oneDNN's convolutions are built and registered (builds them on the first call)."""
+    global _available
+    if _available is None:
+        _available = _build_and_register()
+    return _available
+
+
+def _build_and_register() -> bool:
+    root = prefix()
+    try:
+        if root is None:
+            raise RuntimeError(
+                "no oneDNN under sys.prefix; pip install onednn-cpu-gomp==2023.2.0 "
+                "onednn-devel-cpu-gomp==2023.2.0"
+            )
+        flags = [*native.FLAGS, f"-I{root / 'include'}", f"-L{root / 'lib'}", "-ldnnl"]
+        flags.append(f"-Wl,-rpath,{root / 'lib'}")
+        library = ctypes.CDLL(str(native.build_library("anodev2_onednn", [SOURCE], flags)))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        warnings.warn(
+            f"anodev2_jax: oneDNN's convolutions are unavailable ({detail.strip()[:300]}); "
+            "conv_impl='cpu' uses its other formulations instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    for target, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
+    return True
