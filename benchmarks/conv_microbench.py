@@ -10,8 +10,11 @@ machine hits them alike: compare within a row only. Times are the median of ``--
 after ``--warmup``. Formulations (``anodev2_jax.cpu.conv``):
 
 - ``xla``: autodiff of ``lax.conv_general_dilated`` (the input/kernel gradient alone, by jax.vjp);
-- ``cpu``, ``cpu_paired``: what ``conv2d`` runs with that impl (the kernel gradient behind
-  its conditional; it is the same for both);
+- ``cpu``, ``cpu_paired``: what ``conv2d`` runs with that impl (its forward and kernel
+  gradient, the latter behind its conditional, the same for both; oneDNN's where
+  ``anodev2_jax.cpu.onednn.takes`` gives it the pass); their input gradient is the phase
+  formulation ``input_grad`` (the C++ kernel or XLA's), whatever oneDNN takes;
+- ``onednn``: oneDNN's FFI call alone (``anodev2_jax.cpu.onednn``), for every row;
 - ``conv``: the stride-1 kernel gradient as one convolution, without the conditional;
 - ``taps``: the kernel gradient as one matmul per shifted (strided) slice of the padded input;
 - with ``--extra``, two more kernel gradients that lost: ``taps_barrier``, the taps chained by
@@ -181,28 +184,21 @@ def pass_functions(
 
         return fn
 
-    before = (pads[0][0], pads[1][0])
-    if onednn.available():
+    fwd_of = {impl: conv(impl) for impl in ("xla", "cpu", "cpu_paired")}
+    dx_of: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+        "xla": lambda w, g: jax.vjp(lambda x: conv("xla")(x, w), x)[1](g)[0],
+        "cpu": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads),
+        "cpu_paired": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads, True),
+    }
+    if onednn.available():  # oneDNN alone, whatever impl "cpu" gives it
+        before, out_hw = (pads[0][0], pads[1][0]), y_shape[1:3]
+        fwd_of["onednn"] = lambda x, w: onednn.conv_forward(x, w, before, stride, out_hw)
+        dx_of["onednn"] = lambda w, g: onednn.conv_input_grad(g, w, x.shape, before, stride)
         dw_of["onednn"] = lambda x, g: onednn.conv_kernel_grad(x, g, (k, k), before, stride)
     passes = {
-        "fwd": ({impl: conv(impl) for impl in ("xla", "cpu", "cpu_paired")}, (x, w)),
-        "dx": (
-            {
-                "xla": lambda w, g: jax.vjp(lambda x: conv("xla")(x, w), x)[1](g)[0],
-                "cpu": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads),
-                "cpu_paired": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads, True),
-            },
-            (w, g),
-        ),
+        "fwd": (fwd_of, (x, w)),
+        "dx": (dx_of, (w, g)),
         "dw": (dw_of, (x, g)),
-    }
-    if onednn.available():
-        out_hw = y_shape[1:3]
-        passes["fwd"][0]["onednn"] = lambda x, w: onednn.conv_forward(x, w, before, stride, out_hw)
-        passes["dx"][0]["onednn"] = lambda w, g: onednn.conv_input_grad(
-            g, w, x.shape, before, stride
-        )
-    passes |= {
         "dw+bn": ({name: with_bn(fn) for name, fn in dw_of.items()}, (x, g)),
     }
     return {

@@ -29,6 +29,9 @@ import jax
 from anodev2_jax.nn import models
 from benchmarks import common
 
+GRADIENTS = ("dto", "auto")
+TORCH_LAYOUTS = ("nchw", "channels_last", "compiled")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -43,6 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--peak_n", type=int, default=4096, help="matrix size of the fp32 matmul peak"
+    )
+    parser.add_argument(
+        "--gradients",
+        type=common.name_list(GRADIENTS, "gradient"),
+        default=["dto"],
+        help="the ODE variants' gradient, one row each: dto (beside torch's checkpointed "
+        "blocks) and/or auto (beside torch's blocks not checkpointed)",
+    )
+    parser.add_argument(
+        "--torch_layouts",
+        type=common.name_list(TORCH_LAYOUTS, "layout"),
+        default=["nchw"],
+        help="torch_ref's setups to time, each in its own rounds: nchw (its default), "
+        "channels_last (torch's faster layout on the CPU), compiled (channels_last under "
+        "torch.compile, benchmarks/torch_compiled.py)",
     )
     parser.add_argument(
         "--sections",
@@ -80,9 +98,16 @@ def jax_round(step: common.CompiledStep, args: argparse.Namespace) -> dict[str, 
     }
 
 
-def torch_round(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One ``torch_ref.py bench`` subprocess (its own warm-up of 3 and ``--steps`` iters)."""
+def torch_round(
+    model: str, variant: str, args: argparse.Namespace, layout: str, gradient: str
+) -> dict[str, Any]:
+    """One ``torch_ref.py bench`` subprocess (its own warm-up of 3 and ``--steps`` iters), in
+    ``layout``, its ODE blocks checkpointed beside our gradient dto and not beside auto."""
     command = common.torch_bench_command(args, model, variant, args.steps)
+    if layout == "compiled":
+        command.insert(1, str(Path(__file__).with_name("torch_compiled.py")))
+    command += ["--channels-last"] if layout != "nchw" else []
+    command += ["--no-ckpt"] if gradient == "auto" else []
     load = os.getloadavg()[0]
     (row,) = common.run_torch(command)
     # ru_maxrss survives fork+exec on Linux: the child reports this (larger) process's peak.
@@ -100,27 +125,40 @@ def best_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(model: str, variant: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """JAX (each conv impl) and torch, alternated ``--repeats`` times so that both see the
-    same load; one {"jax", "torch"} row per conv impl."""
+    """JAX (each conv impl and gradient) and torch (each layout), alternated ``--repeats``
+    times so that all see the same load; one {"jax", "torch", "torch_layouts"} row per conv
+    impl and gradient ("torch": the first layout's)."""
+    gradients = args.gradients if variant not in ("baseline", "node") else ["dto"]
+    rows = []
+    for gradient in gradients:
+        rows += _measure(model, variant, gradient, args)
+    return rows
+
+
+def _measure(
+    model: str, variant: str, gradient: str, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     steps = {}
     for conv_impl in args.conv_impl:
         steps[conv_impl] = common.CompiledStep(
-            common.load_config(model, variant, args.batch_size, conv_impl)
+            common.load_config(model, variant, args.batch_size, conv_impl, gradient)
         )
     jax_rounds: dict[str, list[dict[str, Any]]] = {conv_impl: [] for conv_impl in steps}
-    torch_rounds = []
+    torch_rounds: dict[str, list[dict[str, Any]]] = {layout: [] for layout in args.torch_layouts}
     for _ in range(args.repeats):
         for conv_impl, step in steps.items():
             jax_rounds[conv_impl].append(jax_round(step, args))
-            log(f"jax   {model} {variant} {conv_impl}", jax_rounds[conv_impl][-1])
+            log(f"jax   {model} {variant} {conv_impl} {gradient}", jax_rounds[conv_impl][-1])
         if args.torch_python is not None:
-            torch_rounds.append(torch_round(model, variant, args))
-            log(f"torch {model} {variant}", torch_rounds[-1])
-    torch = best_of(torch_rounds) if torch_rounds else None
+            for layout, rounds in torch_rounds.items():
+                rounds.append(torch_round(model, variant, args, layout, gradient))
+                log(f"torch {model} {variant} {layout} {gradient}", rounds[-1])
+    torch_layouts = {layout: best_of(r) for layout, r in torch_rounds.items() if r}
+    torch = next(iter(torch_layouts.values()), None)
     # XLA's cost analysis does not see inside the C++ kernels' FFI calls (conv_impl cpu):
     # count the same step compiled with XLA's own convolution.
     counted = steps.get("xla") or common.CompiledStep(
-        common.load_config(model, variant, args.batch_size, "xla")
+        common.load_config(model, variant, args.batch_size, "xla", gradient)
     )
     rows = []
     for conv_impl, step in steps.items():
@@ -130,6 +168,7 @@ def measure(model: str, variant: str, args: argparse.Namespace) -> list[dict[str
             "model": model,
             "variant": variant,
             "conv_impl": conv_impl,
+            "gradient": gradient if variant not in ("baseline", "node") else None,
             "batch": args.batch_size,
             "steps": args.steps,
             "params": models.count_params(step.state.params),
@@ -141,7 +180,7 @@ def measure(model: str, variant: str, args: argparse.Namespace) -> list[dict[str
             "mflop_per_img": counted.flops / args.batch_size / 1e6,
             "gflops": counted.flops / median / 1e9,
         }
-        rows.append({"jax": jax_result, "torch": torch})
+        rows.append({"jax": jax_result, "torch": torch, "torch_layouts": torch_layouts})
     return rows
 
 
@@ -334,6 +373,7 @@ def report(env: dict, peaks: list[dict], rows: list[dict], args: argparse.Namesp
                 jax["model"],
                 jax["variant"],
                 jax["conv_impl"],
+                jax.get("gradient") or "–",
                 common.fmt(jax["img_per_s"]),
                 common.fmt(torch and torch["img_per_s"]),
                 common.fmt(ratio, 2),
@@ -369,6 +409,7 @@ def report(env: dict, peaks: list[dict], rows: list[dict], args: argparse.Namesp
                 "model",
                 "variant",
                 "conv",
+                "gradient",
                 "JAX img/s",
                 "torch img/s",
                 "JAX ÷ torch",
@@ -386,9 +427,57 @@ def report(env: dict, peaks: list[dict], rows: list[dict], args: argparse.Namesp
                 "load JAX / torch",
             ],
             table,
-            left=3,
+            left=4,
         ),
         args.markdown,
+    )
+
+
+def torch_at_its_best_table(rows: list[dict[str, Any]]) -> str:
+    """JAX ÷ torch in each layout torch ran in, and ÷ its fastest layout, per row."""
+    layouts = [
+        layout for layout in TORCH_LAYOUTS if any(layout in r["torch_layouts"] for r in rows)
+    ]
+    body = []
+    for row in rows:
+        jax, torch = row["jax"], row["torch_layouts"]
+        rates = {layout: torch[layout]["img_per_s"] for layout in layouts if layout in torch}
+        best = max(rates.values(), default=None)
+        body.append(
+            [
+                jax["model"],
+                jax["variant"],
+                jax["conv_impl"],
+                jax["gradient"] or "–",
+                "no" if jax["gradient"] == "auto" else "yes",
+                common.fmt(jax["img_per_s"]),
+                *(common.fmt(rates.get(layout)) for layout in layouts),
+                *(
+                    common.fmt(rates.get(layout) and jax["img_per_s"] / rates[layout], 2)
+                    for layout in layouts
+                ),
+                common.fmt(best and jax["img_per_s"] / best, 2),
+            ]
+        )
+    return (
+        "## JAX ÷ torch at its best\n\n"
+        "torch's ODE blocks checkpointed beside our dto and not beside auto (baseline: no ODE "
+        "blocks); each layout timed in its own rounds, alternating with JAX.\n\n"
+        + common.markdown_table(
+            [
+                "model",
+                "variant",
+                "conv",
+                "gradient",
+                "torch ckpt",
+                "JAX img/s",
+                *(f"torch {layout} img/s" for layout in layouts),
+                *(f"JAX ÷ torch {layout}" for layout in layouts),
+                "JAX ÷ torch best",
+            ],
+            body,
+            left=5,
+        )
     )
 
 
@@ -400,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
             setattr(args, name, value)
         if saved.get("rows"):
             report(saved["env"], saved["peaks"], saved["rows"], args)
+            if all(row.get("torch_layouts") for row in saved["rows"]):
+                common.emit(torch_at_its_best_table(saved["rows"]), args.markdown)
         if saved.get("split"):
             common.emit(split_table(saved["split"], args), args.markdown)
         return
@@ -425,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
         results["peaks"] += peak_rows(args, "end")
         common.write_json(args.json, results)
         report(env, results["peaks"], results["rows"], args)
+        if args.torch_python is not None:
+            common.emit(torch_at_its_best_table(results["rows"]), args.markdown)
     if "split" in args.sections:
         results["split"] = []
         for model in args.models:

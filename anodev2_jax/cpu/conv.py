@@ -6,14 +6,17 @@ order, in a form that XLA:CPU runs faster; :func:`conv_cpu` ties them together w
 16 channels in or out to YNNPACK on one thread, and others to Eigen on all threads; the
 choices below work around both (timings: BENCHMARKS.md §1, ``benchmarks/conv_microbench.py``).
 
+- In float32, the passes that oneDNN runs faster (:func:`anodev2_jax.cpu.onednn.takes`:
+  every pass from 64 channels out, as in AlexNet; the stems' forward and input gradient;
+  the input gradient at stride 2) go to oneDNN (:mod:`anodev2_jax.cpu.onednn`), which picks
+  its kernels for the running CPU. The rest, and everything in float64, as follows.
 - Forward, and the input gradient below, with whole vectors of outputs (Cout a multiple of
   16 float32 or 8 float64), any kernel and stride but 1×1 at stride 1 (a matmul, XLA's): a
   C++ kernel (``csrc/conv_forward.cc``, :func:`anodev2_jax.cpu.native.conv_forward`) that
-  splits the output rows between the call's thread and XLA's pool. At stride 1, 5×5 with Cin
-  a multiple of 16 (AlexNet's 64→64 block) or 3×3 with Cin a multiple of 32 (ResNet-10's
-  32-channel blocks) run by Winograd's F(2×2, 5×5) or F(4×4, 3×3) (``csrc/winograd.cc``):
-  36 multiply-adds per tile and channel pair instead of 100 or 144, float32 results within a
-  few 1e-6 of the direct sum's magnitude. Below :data:`WINOGRAD_MIN_CIN` the transforms cost
+  splits the output rows between the call's thread and XLA's pool. At stride 1, 3×3 with Cin
+  a multiple of 32 (ResNet-10's 32-channel blocks) runs by Winograd's F(4×4, 3×3)
+  (``csrc/winograd.cc``): 36 multiply-adds per tile and channel pair instead of 144, float32
+  results within a few 1e-6 of the direct sum's magnitude. Below :data:`WINOGRAD_MIN_CIN` the transforms cost
   more than they save.
 - Kernel gradient with at least one vector of outputs: a C++ kernel (``csrc/kernel_grad.cc``)
   that accumulates tiles of input channels × output vectors over each image's pixels, tap by
@@ -59,7 +62,7 @@ from anodev2_jax.nn.conv import DIMENSION_NUMBERS, Pads, conv_xla
 
 # kernel size -> the C_in (and its multiples) from which impl="cpu" convolves by Winograd
 # (benchmarks/conv_microbench.py: at 16 channels in, the 3x3 one is slower than direct).
-WINOGRAD_MIN_CIN = {5: 16, 3: 32}
+WINOGRAD_MIN_CIN = {3: 32}
 _YNN_DTYPES = (jnp.float32, jnp.float64)  # the float types YNNPACK convolves (jaxlib 0.10)
 
 
@@ -101,8 +104,8 @@ def _conv_native(x: jax.Array, w: jax.Array, stride: int, pads: Pads) -> jax.Arr
 
 
 def _winograd_applies(x: jax.Array, kernel_shape: tuple[int, ...], stride: int) -> bool:
-    """Whether a C++ kernel that takes this convolution uses Winograd's F(2×2, 5×5) or
-    F(4×4, 3×3): 5×5 or 3×3 at stride 1, whole vectors of outputs, Cin a multiple of
+    """Whether a C++ kernel that takes this convolution uses Winograd's F(4×4, 3×3): 3×3 at
+    stride 1, whole vectors of outputs, Cin a multiple of
     :data:`WINOGRAD_MIN_CIN` (below it the transforms cost more than the products save)."""
     kh, kw, cin, cout = kernel_shape
     lanes = 64 // x.dtype.itemsize

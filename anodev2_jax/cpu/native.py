@@ -1,6 +1,5 @@
 """C++ kernels for the CPU, as XLA FFI calls: the convolution (``csrc/conv_forward.cc``),
-the 5×5 and 3×3 stride-1 ones by Winograd's F(2×2, 5×5) and F(4×4, 3×3)
-(``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``); the gradient of
+the 3×3 stride-1 one by Winograd's F(4×4, 3×3) (``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``); the gradient of
 the max pool (``csrc/max_pool.cc``); training-mode BatchNorm with an optional ReLU, and its
 gradient (``csrc/batch_norm.cc``).
 
@@ -105,8 +104,8 @@ def conv_forward(
 def winograd(
     x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]
 ) -> jax.Array:
-    """The stride-1 convolution of x (N, H, W, Cin) with a 5×5 or 3×3 w (k, k, Cin, Cout)
-    by Winograd's F(2×2, 5×5) or F(4×4, 3×3) -> (N, Ho, Wo, Cout); ``pads`` as in
+    """The stride-1 convolution of x (N, H, W, Cin) with a 3×3 w (3, 3, Cin, Cout) by
+    Winograd's F(4×4, 3×3) -> (N, Ho, Wo, Cout); ``pads`` as in
     :func:`conv_forward`.
 
     Requires :func:`available`, float32 or float64, Cin and Cout multiples of 64 bytes' worth
@@ -127,9 +126,8 @@ def winograd(
 def winograd_kernel_grad(
     x: jax.Array, g: jax.Array, kernel_size: int, pads: tuple[int, int]
 ) -> jax.Array:
-    """dw (k, k, Cin, Cout), k = ``kernel_size`` (5 or 3), of the stride-1 convolution
-    y = conv(x, w) from x (N, H, W, Cin) and g = dL/dy (N, Ho, Wo, Cout) by Winograd's
-    F(2×2, 5×5) or F(4×4, 3×3); ``pads``: the zero rows and columns before the image.
+    """dw (3, 3, Cin, Cout), ``kernel_size`` 3, of the stride-1 convolution y = conv(x, w)
+    from x (N, H, W, Cin) and g = dL/dy (N, Ho, Wo, Cout) by Winograd's F(4×4, 3×3); ``pads``: the zero rows and columns before the image.
 
     Requires :func:`available`, float32 or float64, Cin a multiple of 16 and Cout of 64
     bytes' worth of values; CPU only. No autodiff of its own.

@@ -1,19 +1,19 @@
-// 5x5 and 3x3 stride-1 convolutions (NHWC x HWIO) by Winograd's F(2x2, 5x5) and F(4x4, 3x3),
-// XLA FFI handlers for the CPU:
+// 3x3 stride-1 convolutions (NHWC x HWIO) by Winograd's F(4x4, 3x3), XLA FFI handlers for
+// the CPU:
 //
 //   y[n, r, q, o] = sum_{i, j, c} x[n, r + i - pad_top, q + j - pad_left, c] w[i, j, c, o]
 //
-// (zero outside x). Each 2x2 (4x4) tile of outputs is A^T [sum_c (G w G^T)[., ., c, o] .
+// (zero outside x). Each 4x4 tile of outputs is A^T [sum_c (G w G^T)[., ., c, o] .
 // (B^T d B)[., ., c]] A, where d is the tile's 6x6 input patch and the 6x6 products run over
 // the Toom-Cook points 0, 1, -1, 2, -1/2, inf: 36 multiply-adds per channel pair and tile
-// instead of the direct 100 (144). The tiles are split into chunks that the call's thread and
+// instead of the direct 144. The tiles are split into chunks that the call's thread and
 // XLA's intra-op pool share; per block of kTiles tiles, the patches are transformed, then
 // each of the 36 points is one (tiles x C) @ (C x O) product in registers, then the output
 // transform writes the tiles. Rounding: float32 results differ from the direct sum by a few
 // 1e-6 of their magnitude; -1/2 rather than the usual -2 halves that (B's entries stay
 // within 5/2, G's within 16/15), and the kernel gradient adds its float32 sums over 128 tiles
 // into double partials. Needs C and O multiples of the vector length. Built by
-// anodev2_jax/native.py.
+// anodev2_jax/cpu/native.py.
 
 #include <algorithm>
 #include <cstdint>
@@ -34,20 +34,9 @@ constexpr double kBT[kPoints][kPoints] = {
     {0, 1, 1. / 2, -5. / 2, 1, 0},    {0, -1. / 2, -1, 1. / 2, 1, 0},
     {0, 2, -1, -2, 1, 0},             {0, 1, 3. / 2, -2, -3. / 2, 1}};
 
-// F(kOut x kOut, kTaps x kTaps) over the six points (kOut + kTaps - 1 = 6, so B is shared):
-// G's row for a finite point p is f_p (1, p, p^2, ...), A^T's column is (1, p, p^2, ...).
-struct F2x5 {
-  static constexpr int kOut = 2, kTaps = 5;
-  static constexpr double kG[kPoints][kTaps] = {
-      {1, 0, 0, 0, 0},
-      {-1. / 3, -1. / 3, -1. / 3, -1. / 3, -1. / 3},
-      {1. / 3, -1. / 3, 1. / 3, -1. / 3, 1. / 3},
-      {1. / 15, 2. / 15, 4. / 15, 8. / 15, 16. / 15},
-      {-16. / 15, 8. / 15, -4. / 15, 2. / 15, -1. / 15},
-      {0, 0, 0, 0, 1}};
-  static constexpr double kAT[kOut][kPoints] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -1. / 2, 1}};
-};
-
+// F(kOut x kOut, kTaps x kTaps) over the six points (kOut + kTaps - 1 = 6): G's row for a
+// finite point p is f_p (1, p, p^2), A^T's column is (1, p, p^2, p^3). (oneDNN took over the
+// 5x5 convolutions that F(2x2, 5x5) ran here: BENCHMARKS.md §1.)
 struct F4x3 {
   static constexpr int kOut = 4, kTaps = 3;
   static constexpr double kG[kPoints][kTaps] = {
@@ -238,17 +227,17 @@ void Chunk(const T* x, const T* u, const Shape& s, int64_t t0, int64_t t1, T* y)
 
 // The shape of a convolution with kernel size `taps` from x's, the kernel's and the output's
 // dimensions (the output's: y's, or g's for the kernel gradient); false if Winograd does not
-// take it (kernel 5x5 or 3x3, stride 1, C_in a multiple of c_mult, C_out of the vector).
+// take it (kernel 3x3, stride 1, C_in a multiple of c_mult, C_out of the vector).
 template <typename T>
 bool MakeShape(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
                ffi::Span<const int64_t> yd, int64_t pad_top, int64_t pad_left, int64_t stride,
                int64_t c_mult, Shape& s) {
   constexpr int64_t L = 64 / sizeof(T);
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
-      (wd[0] != 5 && wd[0] != 3) || wd[1] != wd[0] || wd[2] != xd[3] || yd[3] != wd[3] ||
+      wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] || yd[3] != wd[3] ||
       xd[3] % c_mult != 0 || yd[3] % L != 0 || pad_top < 0 || pad_left < 0 || stride != 1)
     return false;
-  const int64_t out = wd[0] == 5 ? F2x5::kOut : F4x3::kOut;
+  const int64_t out = F4x3::kOut;
   s = Shape{xd[0],    xd[1],    xd[2], xd[3], yd[1], yd[2], yd[3], pad_top,
             pad_left, (yd[1] + out - 1) / out, (yd[2] + out - 1) / out};
   return true;
@@ -275,7 +264,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
   if (!MakeShape<T>(x.dimensions(), w.dimensions(), y->dimensions(), pad_top, pad_left, stride,
                     64 / sizeof(T), s))
     return ffi::Error::InvalidArgument("anodev2 winograd: inconsistent shapes");
-  (w.dimensions()[0] == 5 ? Convolve<F2x5, T> : Convolve<F4x3, T>)(
+  Convolve<F4x3, T>(
       pool, x.typed_data(), w.typed_data(), s, y->typed_data());
   return ffi::Error::Success();
 }
@@ -286,7 +275,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> w,
 constexpr int kGradTiles = 32;  // tiles per block
 constexpr int kFlush = 4;  // blocks summed in T before their sum is added to the double partial
 
-// e[p, t, o0 : o0 + lanes] = (A dY A^T)[p] for tile `tile`'s 2x2 outputs dY of g (zero beyond
+// e[p, t, o0 : o0 + lanes] = (A dY A^T)[p] for tile `tile`'s kOut x kOut outputs dY of g (zero beyond
 // the output), one vector of output channels.
 template <typename F, typename T>
 void TransformGradient(const T* g, const Shape& s, int64_t tile, int64_t t, int64_t o0, T* e) {
@@ -443,7 +432,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> g
   if (!MakeShape<T>(x.dimensions(), dw->dimensions(), g.dimensions(), pad_top, pad_left,
                     stride, 16, s))
     return ffi::Error::InvalidArgument("anodev2 winograd kernel_grad: inconsistent shapes");
-  (dw->dimensions()[0] == 5 ? GradKernel<F2x5, T> : GradKernel<F4x3, T>)(
+  GradKernel<F4x3, T>(
       pool, x.typed_data(), g.typed_data(), s, dw->typed_data());
   return ffi::Error::Success();
 }
