@@ -9,7 +9,8 @@
 #     that heading (the first ```python block after it), so README and CI cannot drift;
 #   - a small coupled_solve through an Exponential coupling, with its gradient;
 #   - builds and applies create_model("resnet4", "anodev2_conf1") on a (2, 32, 32, 3) batch;
-#   - checks that the C++ sources ship in the wheel and, with a compiler, that they build;
+#   - checks that the C++ sources ship in the wheel and, with a compiler, that they build
+#     (and oneDNN's calls, on Linux x86-64, where its wheels come with the install);
 #   - checks that the train-only packages are not installed.
 # Uses pip's own configuration (index, mirror, find-links), like the main install.
 set -euo pipefail
@@ -122,6 +123,20 @@ if os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"):
     xla_logits = model.apply(variables, x, train=False)
     np.testing.assert_allclose(cpu_logits, xla_logits, rtol=1e-3, atol=1e-3)
     compiled = "C++ kernels built"
+    if sys.platform == "linux" and os.uname().machine == "x86_64":  # where its wheels exist
+        from anodev2_jax.cpu import onednn
+
+        assert onednn.available(), "oneDNN's convolutions did not build in the bare install"
+        alexnet = models.create_model("alexnet", "baseline", conv_impl="cpu")
+        alex_vars = alexnet.init(jax.random.key(4), x, train=False)
+        alex_xla = models.create_model("alexnet", "baseline", conv_impl="xla")
+        np.testing.assert_allclose(
+            alexnet.apply(alex_vars, x, train=False),
+            alex_xla.apply(alex_vars, x, train=False),
+            rtol=1e-3,
+            atol=1e-3,
+        )
+        compiled += ", oneDNN's convolutions built"
 else:
     compiled = "no C++ compiler: C++ kernels not built"
 

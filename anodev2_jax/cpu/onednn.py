@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import subprocess
 import sys
 import warnings
@@ -243,6 +244,11 @@ def _build_and_register() -> bool:
                 "no oneDNN under sys.prefix; pip install onednn-cpu-gomp==2023.2.0 "
                 "onednn-devel-cpu-gomp==2023.2.0"
             )
+        # oneDNN's OpenMP threads must not spin after a call on the cores that XLA's threads
+        # need next (OMP_WAIT_POLICY=ACTIVE: AlexNet conf1's step 1.9x slower; PASSIVE and
+        # libgomp's default short spin measured alike). libgomp reads this when it loads,
+        # with oneDNN, below; a user's own setting wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         flags = [*native.FLAGS, f"-I{root / 'include'}", f"-L{root / 'lib'}", "-ldnnl"]
         flags.append(f"-Wl,-rpath,{root / 'lib'}")
         library = ctypes.CDLL(str(native.build_library("anodev2_onednn", [SOURCE], flags)))
