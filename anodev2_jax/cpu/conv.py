@@ -16,8 +16,8 @@ choices below work around both (timings: BENCHMARKS.md §1, ``benchmarks/conv_mi
   splits the output rows between the call's thread and XLA's pool. At stride 1, 3×3 with Cin
   a multiple of 32 (ResNet-10's 32-channel blocks) runs by Winograd's F(4×4, 3×3)
   (``csrc/winograd.cc``): 36 multiply-adds per tile and channel pair instead of 144, float32
-  results within a few 1e-6 of the direct sum's magnitude. Below :data:`WINOGRAD_MIN_CIN` the transforms cost
-  more than they save.
+  results within a few 1e-6 of the direct sum's magnitude. Below :data:`WINOGRAD_MIN_CIN`
+  the transforms cost more than they save.
 - Kernel gradient with at least one vector of outputs: a C++ kernel (``csrc/kernel_grad.cc``)
   that accumulates tiles of input channels × output vectors over each image's pixels, tap by
   tap; for the Winograd-shaped convolutions above, Winograd's transposed form.

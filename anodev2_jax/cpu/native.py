@@ -1,7 +1,7 @@
 """C++ kernels for the CPU, as XLA FFI calls: the convolution (``csrc/conv_forward.cc``),
-the 3×3 stride-1 one by Winograd's F(4×4, 3×3) (``csrc/winograd.cc``) and the kernel gradient (``csrc/kernel_grad.cc``); the gradient of
-the max pool (``csrc/max_pool.cc``); training-mode BatchNorm with an optional ReLU, and its
-gradient (``csrc/batch_norm.cc``).
+the 3×3 stride-1 one by Winograd's F(4×4, 3×3) (``csrc/winograd.cc``) and the kernel
+gradient (``csrc/kernel_grad.cc``); the gradient of the max pool (``csrc/max_pool.cc``);
+training-mode BatchNorm with an optional ReLU, and its gradient (``csrc/batch_norm.cc``).
 
 Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) against the
 FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACHE`` (default
@@ -127,7 +127,8 @@ def winograd_kernel_grad(
     x: jax.Array, g: jax.Array, kernel_size: int, pads: tuple[int, int]
 ) -> jax.Array:
     """dw (3, 3, Cin, Cout), ``kernel_size`` 3, of the stride-1 convolution y = conv(x, w)
-    from x (N, H, W, Cin) and g = dL/dy (N, Ho, Wo, Cout) by Winograd's F(4×4, 3×3); ``pads``: the zero rows and columns before the image.
+    from x (N, H, W, Cin) and g = dL/dy (N, Ho, Wo, Cout) by Winograd's F(4×4, 3×3);
+    ``pads``: the zero rows and columns before the image.
 
     Requires :func:`available`, float32 or float64, Cin a multiple of 16 and Cout of 64
     bytes' worth of values; CPU only. No autodiff of its own.
