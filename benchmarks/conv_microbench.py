@@ -10,10 +10,9 @@ machine hits them alike: compare within a row only. Times are the median of ``--
 after ``--warmup``. Formulations (``anodev2_jax.cpu.conv``):
 
 - ``xla``: autodiff of ``lax.conv_general_dilated`` (the input/kernel gradient alone, by jax.vjp);
-- ``cpu``, ``cpu_paired``: what ``conv2d`` runs with that impl (its forward and kernel
-  gradient, the latter behind its conditional, the same for both; oneDNN's where
-  ``anodev2_jax.cpu.onednn.takes`` gives it the pass); their input gradient is the phase
-  formulation ``input_grad`` (the C++ kernel or XLA's), whatever oneDNN takes;
+- ``cpu``, ``cpu_paired``: what ``conv2d`` runs with that impl, each pass by jax.vjp of it
+  (the kernel gradient behind its conditional, the same for both; oneDNN's where
+  ``anodev2_jax.cpu.onednn.takes`` gives it the pass);
 - ``onednn``: oneDNN's FFI call alone (``anodev2_jax.cpu.onednn``), for every row;
 - ``conv``: the stride-1 kernel gradient as one convolution, without the conditional;
 - ``taps``: the kernel gradient as one matmul per shifted (strided) slice of the padded input;
@@ -187,8 +186,8 @@ def pass_functions(
     fwd_of = {impl: conv(impl) for impl in ("xla", "cpu", "cpu_paired")}
     dx_of: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
         "xla": lambda w, g: jax.vjp(lambda x: conv("xla")(x, w), x)[1](g)[0],
-        "cpu": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads),
-        "cpu_paired": lambda w, g: cpu_conv.input_grad(g, w, x.shape, stride, pads, True),
+        "cpu": lambda w, g: jax.vjp(lambda x: conv("cpu")(x, w), x)[1](g)[0],
+        "cpu_paired": lambda w, g: jax.vjp(lambda x: conv("cpu_paired")(x, w), x)[1](g)[0],
     }
     if onednn.available():  # oneDNN alone, whatever impl "cpu" gives it
         before, out_hw = (pads[0][0], pads[1][0]), y_shape[1:3]
@@ -281,7 +280,8 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def add_torch_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """row["torch_ms"]: torch_conv.py's time of the row's pass (dw+bn: its dw)."""
+    """row["torch_ms"], row["torch_cl_ms"]: torch_conv.py's time of the row's pass (dw+bn: its
+    dw) in NCHW and in channels_last."""
     shapes = [[name, *SHAPES[name]] for name in args.shapes]
     command = [
         str(args.torch_python),
@@ -289,9 +289,10 @@ def add_torch_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> Non
         *("--batch", str(args.batch), "--reps", str(args.reps), "--warmup", str(args.warmup)),
         *("--shapes", json.dumps(shapes)),
     ]
-    torch_ms = {r["shape"]: r["ms"] for r in common.run_torch(command)}
-    for row in rows:
-        row["torch_ms"] = torch_ms[row["shape"]][row["pass"].removesuffix("+bn")]
+    for key, extra in (("torch_ms", []), ("torch_cl_ms", ["--channels_last"])):
+        torch_ms = {r["shape"]: r["ms"] for r in common.run_torch(command + extra)}
+        for row in rows:
+            row[key] = torch_ms[row["shape"]][row["pass"].removesuffix("+bn")]
 
 
 def shape_label(name: str) -> str:
@@ -312,8 +313,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         flag = "" if row["ok"] else " (!)"
         torch_cells = []
         if with_torch:
-            torch_ms = row["torch_ms"]
-            torch_cells = [common.fmt(torch_ms, 2), common.fmt(ms["cpu"] / torch_ms, 2)]
+            torch_ms, torch_cl_ms = row["torch_ms"], row["torch_cl_ms"]
+            torch_cells = [
+                common.fmt(torch_ms, 2),
+                common.fmt(torch_cl_ms, 2),
+                common.fmt(ms["cpu"] / torch_ms, 2),
+                common.fmt(ms["cpu"] / torch_cl_ms, 2),
+            ]
         body.append(
             [
                 shape_label(row["shape"]),
@@ -327,7 +333,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     headers = ["conv", "pass", *(f"{f} ms" for f in formulations), "xla ÷ cpu", "fastest"]
     if with_torch:
-        headers += ["torch ms", "cpu ÷ torch (time)"]
+        headers += ["torch ms", "torch CL ms", "cpu ÷ torch (time)", "cpu ÷ torch CL (time)"]
     headers.append("err")
     return common.markdown_table(headers, body, left=2)
 

@@ -5,8 +5,10 @@ Runs in a venv with torch (not this package's): ``conv_microbench --torch_python
     PY benchmarks/torch_conv.py --batch 128 --reps 7 --warmup 2 --shapes '[[name, size, cin,
         cout, k, stride, padding], ...]'
 
-and reads one JSON line per shape: {"shape", "ms": {"fwd", "dx", "dw"}} (median, NCHW,
-float32, torch's default threads), as torch_ref.py's models run them.
+and reads one JSON line per shape: {"shape", "ms": {"fwd", "dx", "dw"}} (median, float32,
+torch's default threads), as torch_ref.py's models run them: NCHW, or with
+``--channels_last`` in torch's channels_last memory format (as ``torch_ref.py
+--channels-last``).
 """
 
 import argparse
@@ -33,6 +35,8 @@ def time_shape(size, cin, cout, k, stride, padding, args) -> dict[str, float]:
     w = torch.randn(cout, cin, k, k)
     conv = torch.nn.functional.conv2d
     g = torch.randn_like(conv(x, w, stride=stride, padding=padding))
+    if args.channels_last:
+        x, w, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, g))
     passes = {
         "fwd": lambda: conv(x, w, stride=stride, padding=padding),
         "dx": lambda: torch.nn.grad.conv2d_input(x.shape, w, g, stride, padding),
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--channels_last", action="store_true", help="torch.channels_last")
     args = parser.parse_args()
     torch.manual_seed(0)
     with torch.no_grad():

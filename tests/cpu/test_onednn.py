@@ -73,7 +73,8 @@ def _value_and_vjp(case, impl):
     "name, passes",
     [
         ("AlexNet block 64->64 5x5", ("forward", "input_grad", "kernel_grad")),
-        ("stem 3->16 3x3", ("forward", "input_grad")),
+        ("stem 3->16 3x3", ("forward", "input_grad", "kernel_grad")),
+        ("1x1 stride 2, last row and column unread", ("input_grad",)),
         ("stride 2 odd size, 3x3 to 64", ("forward", "input_grad", "kernel_grad")),
     ],
 )
@@ -171,5 +172,7 @@ def test_takes_names_a_bad_pass_and_stays_off_other_backends(monkeypatch):
     assert onednn.takes("dw", jnp.float32, (5, 5, 64, 64), 1)
     assert not onednn.takes("dw", jnp.float64, (5, 5, 64, 64), 1)
     assert not onednn.takes("dw", jnp.float32, (3, 3, 16, 16), 1)
+    assert onednn.takes("dx", jnp.float32, (3, 3, 16, 32), 2)
+    assert not onednn.takes("fwd", jnp.float32, (3, 3, 16, 32), 2)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not onednn.takes("dw", jnp.float32, (5, 5, 64, 64), 1)
