@@ -1,16 +1,17 @@
 """oneDNN's convolutions, as XLA FFI calls for the CPU (``csrc/onednn_conv.cc``): forward,
-input gradient and kernel gradient of an NHWC × HWIO convolution in float32.
+input gradient and kernel gradient of an NHWC × HWIO convolution in float32 (oneDNN has no
+float64 convolution on the CPU).
 
-oneDNN picks its kernels for the running CPU (AVX2, AVX-512, AMX) at run time. It comes
-from the ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels (the library and its
-headers, installed under ``sys.prefix``; Linux x86-64). :func:`takes` says which passes of
-which convolutions impl "cpu" gives to oneDNN; :func:`conv`, :func:`input_grad` and
-:func:`kernel_grad` are those passes, each differentiable (reverse mode, to any order) by
-XLA's formulation of its VJP. The FFI library is compiled on first
-use against them, cached like :mod:`anodev2_jax.cpu.native`'s, and registered with XLA for
-the CPU. :func:`available` says whether that worked; where it did not (no wheel, no
-compiler), :mod:`anodev2_jax.cpu.conv` uses its other formulations and says why once, as a
-warning. oneDNN convolves float32 only.
+oneDNN picks its kernels for the running CPU (AVX2, AVX-512, AMX) at run time. It comes from
+the ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels (the library and its headers,
+installed under ``sys.prefix``; Linux x86-64). The FFI library is compiled on first use
+against them, cached like :mod:`anodev2_jax.cpu.native`'s, and registered with XLA for the
+CPU; :func:`available` says whether that worked. Where it did not (no wheel, no compiler),
+:mod:`anodev2_jax.cpu.conv` uses its other formulations and says why once, as a warning.
+
+:func:`takes` says which passes of which convolutions impl "cpu" gives to oneDNN;
+:func:`conv`, :func:`input_grad` and :func:`kernel_grad` are those passes, each
+differentiable (reverse mode, to any order) by XLA's formulation of its VJP.
 """
 
 from __future__ import annotations
