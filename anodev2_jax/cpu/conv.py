@@ -7,10 +7,10 @@ order, in a form that XLA:CPU runs faster; :func:`conv_cpu` ties them together w
 choices below work around both (timings: BENCHMARKS.md §1, ``benchmarks/conv_microbench.py``).
 
 - In float32, the passes that oneDNN runs faster (:func:`anodev2_jax.cpu.onednn.takes`:
-  every pass from 64 channels out, as in AlexNet; the 3-channel stems' forward and input
-  gradient; the input gradient at stride 2) go to oneDNN (:mod:`anodev2_jax.cpu.onednn`),
-  which picks its kernels for the running CPU. The rest, and everything in float64, as
-  follows.
+  every pass from 64 channels out, as in AlexNet, but a stem's kernel gradient; the
+  3-channel stems' forward and input gradient; the input gradient at stride 2) go to oneDNN
+  (:mod:`anodev2_jax.cpu.onednn`), which picks its kernels for the running CPU. The rest,
+  and everything in float64, as follows.
 - Forward, and the input gradient below, with whole vectors of outputs (Cout a multiple of
   16 float32 or 8 float64), any kernel and stride but 1×1 at stride 1 (a matmul, XLA's): a
   C++ kernel (``csrc/conv_forward.cc``, :func:`anodev2_jax.cpu.native.conv_forward`) that

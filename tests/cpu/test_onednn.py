@@ -172,6 +172,8 @@ def test_takes_names_a_bad_pass_and_stays_off_other_backends(monkeypatch):
     assert onednn.takes("dw", jnp.float32, (5, 5, 64, 64), 1)
     assert not onednn.takes("dw", jnp.float64, (5, 5, 64, 64), 1)
     assert not onednn.takes("dw", jnp.float32, (3, 3, 16, 16), 1)
+    assert not onednn.takes("dw", jnp.float32, (5, 5, 3, 64), 1)  # the stems' (BENCHMARKS.md)
+    assert onednn.takes("fwd", jnp.float32, (5, 5, 3, 64), 1)
     assert onednn.takes("dx", jnp.float32, (3, 3, 16, 32), 2)
     assert not onednn.takes("fwd", jnp.float32, (3, 3, 16, 32), 2)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
