@@ -120,15 +120,7 @@ def _conv_native_fwd(
     return _conv_native(x, w, stride, pads), (x, w)
 
 
-def _conv_native_bwd(
-    stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array], cotangent: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    _, vjp = jax.vjp(lambda x, w: conv_xla(x, w, stride, pads), *residuals)
-    dx, dw = vjp(cotangent)
-    return dx, dw
-
-
-_conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
+_conv_native.defvjp(_conv_native_fwd, onednn.xla_conv_vjp)
 
 
 def conv_paired_columns(x: jax.Array, w: jax.Array, pads: Pads) -> jax.Array:

@@ -80,15 +80,17 @@ def _conv_fwd(
     return conv(x, w, stride, pads), (x, w)
 
 
-def _conv_bwd(
+def xla_conv_vjp(
     stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array], cotangent: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
+    """(dx, dw) of XLA's convolution at residuals (x, w): the custom-VJP backward of every
+    convolution forward on the CPU that is not XLA's (this module's, the C++ kernels')."""
     _, vjp = jax.vjp(lambda x, w: conv_xla(x, w, stride, pads), *residuals)
     dx, dw = vjp(cotangent)
     return dx, dw
 
 
-conv.defvjp(_conv_fwd, _conv_bwd)
+conv.defvjp(_conv_fwd, xla_conv_vjp)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
