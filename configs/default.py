@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.memory_budget_gb = config_dict.placeholder(float)
     # BatchNorm scale/offset in the ODE blocks: shared (default) | per_evaluation
     config.norm_params = config_dict.placeholder(str)
+    # Step counts Nz that each training step draws from, uniformly, e.g. (2, 3, 4): the ODE
+    # blocks are solved at the drawn Nz (Nw tied as the schedule ties it), their BatchNorm
+    # rows staying on num_z_steps' grid; eval uses num_z_steps (docs/continuous_depth.md).
+    # None: every step at num_z_steps.
+    config.train_num_z_steps = config_dict.placeholder(tuple)
     # Time kernel K of θ(t) = ∫_0^t K(t-τ) w(τ) dτ (paper eq. 2.3d): dirac (θ = w, the
     # paper's experiments) | exponential (K = λe^{-λs}, θ(0) = 0) | dirac+exponential
     # (K = δ + λe^{-λs}); the last two are extensions beyond the paper, λ learned from

@@ -60,7 +60,11 @@ class ODEConfig:
     learned with the block's). ``gradient``: "dto", "backprop" (both exact), "otd" (the
     adjoint) or "auto": per block, what ``block_gradients`` ((block name, "backprop" |
     "dto") pairs) says, "dto" for a block it does not name; the trainer fills it in from the
-    compiled train step's memory (:mod:`anodev2_jax.gradients`). Validated on
+    compiled train step's memory (:mod:`anodev2_jax.gradients`). ``norm_plan``: the plan
+    whose f evaluations the per-evaluation BatchNorm rows belong to, when the block is solved
+    at another (None: its own plan); its rows are then read at this solve's evaluation times,
+    and its running statistics updated there from this solve's moments, by linear
+    interpolation in t (:func:`anodev2_jax.nn.normalization.carry_matrix`). Validated on
     construction (``make_plan``, the coupling's grid), so a bad combination fails before any
     tracing.
     """
@@ -74,6 +78,7 @@ class ODEConfig:
     norm_params: str = "shared"
     coupling: coupling_lib.Coupling = dataclasses.field(default_factory=coupling_lib.Dirac)
     block_gradients: tuple[tuple[str, str], ...] = ()
+    norm_plan: solve_lib.Plan | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, str):
@@ -104,6 +109,10 @@ class ODEConfig:
                 "(θ = w) or anodev2_jax.Exponential()"
             )
         self.coupling.check_grid(self.plan().num_w_steps)
+        if self.norm_plan is not None and not isinstance(self.norm_plan, solve_lib.Plan):
+            raise ValueError(
+                f"norm_plan={self.norm_plan!r} is not a plan; pass another ODEConfig's .plan()"
+            )
 
     def gradient_of(self, block: str) -> str:
         """The gradient block ``block`` uses: ``gradient``, or with "auto" the choice in
@@ -229,15 +238,22 @@ class ODEBlock(nn.Module):
         w0 = self.param("w0", init_kernels)
         norm_shape: tuple[int, ...] = (c,)
         stats_shape: tuple[int, ...] = (c,)
+        read = write = None  # rows -> this solve's evaluations, and back
         if self.ode is not None:
-            stats_shape = (self.ode.plan().num_evaluations, c)
+            plan = self.ode.plan()
+            rows = self.ode.norm_plan or plan
+            stats_shape = (rows.num_evaluations, c)
             if self.ode.norm_params == "per_evaluation":
                 norm_shape = stats_shape
+            if rows != plan:
+                read = norm_lib.carry_matrix(rows, plan)
+                write = norm_lib.carry_matrix(plan, rows)
         args: dict[str, Any] = {}
         stats = {}
         for name in spec.norms:
             norm, stats[name] = norm_variables(self, name, norm_shape, self.dtype, stats_shape)
-            args[name] = norm if train else {**norm, **stats[name].value}
+            norm = norm if train else {**norm, **stats[name].value}
+            args[name] = norm_lib.carry_rows(norm, read)
         if spec.conv_bias:
             args["bias"] = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
 
@@ -254,7 +270,10 @@ class ODEBlock(nn.Module):
         else:
             z1, auxs = _ode_solve(self, self.ode, f, z, w0, args)
             moments = {
-                name: norm_lib.stack_evaluations([a[name] for a in auxs]) for name in spec.norms
+                name: norm_lib.carry_rows(
+                    norm_lib.stack_evaluations([a[name] for a in auxs]), write
+                )
+                for name in spec.norms
             }
         # The forward pass's moments only: DTO and OTD discard those of their backward passes.
         if train and not self.is_initializing():

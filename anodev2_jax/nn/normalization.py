@@ -16,13 +16,17 @@ Where an op given the conv impl runs the C++ kernels
 
 from __future__ import annotations
 
+import bisect
 import functools
+from fractions import Fraction
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from anodev2_jax import backend
+from anodev2_jax import solve as solve_lib
 
 PyTree = Any
 Array = jax.Array
@@ -146,8 +150,51 @@ def stack_evaluations(moments: list[dict[str, Array]]) -> dict[str, Array]:
     return jax.tree.map(lambda *rows: jnp.stack(rows), *moments)
 
 
+def carry_rows(norm: dict[str, Array], weights: np.ndarray | None) -> dict[str, Array]:
+    """``norm`` with each per-evaluation (E_old, C) leaf carried to (E_new, C) rows,
+    ``weights`` (E_new, E_old) @ leaf (:func:`carry_matrix`); (C,) leaves, and every leaf
+    when ``weights`` is None, pass unchanged."""
+    if weights is None:
+        return norm
+    return {
+        name: jnp.asarray(weights, v.dtype) @ v if v.ndim == 2 else v for name, v in norm.items()
+    }
+
+
 def at_evaluation(norm: dict[str, Array], k: int) -> dict[str, Array]:
     """A per-evaluation BatchNorm's variables for evaluation k: row k of each (E, C) leaf
     (running statistics, and scale/offset when they are per evaluation); (C,) leaves are
     shared and pass unchanged."""
     return {name: v[k] if v.ndim == 2 else v for name, v in norm.items()}
+
+
+def evaluation_times(plan: solve_lib.Plan) -> tuple[list[Fraction], list[int]]:
+    """The time t_k = (n + c_i)/Nz and stage i of each f evaluation k = n·stages + i."""
+    cs = [Fraction(c).limit_denominator() for c in plan.tableau.c]
+    times = [(n + c) / plan.num_z_steps for n in range(plan.num_z_steps) for c in cs]
+    return times, [i for _ in range(plan.num_z_steps) for i in range(len(cs))]
+
+
+def carry_matrix(old: solve_lib.Plan, new: solve_lib.Plan) -> np.ndarray:
+    """(E_new, E_old) weights that carry per-evaluation rows from ``old``'s evaluations to
+    ``new``'s: one-hot where an old evaluation has the same time and stage, else linear in t
+    over the old rows (rows at equal times averaged; constant beyond the ends)."""
+    old_times, old_stages = evaluation_times(old)
+    new_times, new_stages = evaluation_times(new)
+    grid = sorted(set(old_times))
+    members = [[k for k, t in enumerate(old_times) if t == u] for u in grid]
+    weights = np.zeros((len(new_times), len(old_times)))
+    for row, (t, stage) in enumerate(zip(new_times, new_stages, strict=True)):
+        pairs = zip(old_times, old_stages, strict=True)
+        same = [k for k, (u, s) in enumerate(pairs) if (u, s) == (t, stage)]
+        if same:
+            weights[row, same[0]] = 1.0
+            continue
+        right = min(max(bisect.bisect_left(grid, t), 1), len(grid) - 1) if len(grid) > 1 else 0
+        left = max(right - 1, 0)
+        span = float(grid[right] - grid[left])
+        share = 0.0 if span == 0 else min(max(float(t - grid[left]) / span, 0.0), 1.0)
+        for group, w in ((left, 1.0 - share), (right, share)):
+            for k in members[group]:
+                weights[row, k] += w / len(members[group])
+    return weights

@@ -22,6 +22,7 @@ from anodev2_jax.training.config import (
     model_from_config,
     run_config,
     seeds_of,
+    train_draws,
 )
 from anodev2_jax.training.evaluation import evaluate, per_seed_results
 from anodev2_jax.training.loop import train_and_evaluate
@@ -68,5 +69,6 @@ __all__ = [
     "seeds_of",
     "state_step",
     "train_and_evaluate",
+    "train_draws",
     "write_json_atomic",
 ]

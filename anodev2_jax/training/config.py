@@ -7,7 +7,10 @@ loaded or anything compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import ml_collections
 import optax
 
 from anodev2_jax import coupling as coupling_lib
+from anodev2_jax import stepping
 from anodev2_jax.cpu import host_malloc
 from anodev2_jax.nn import models
 from anodev2_jax.training import data as data_lib
@@ -97,6 +101,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.lr_decay_epochs={config.lr_decay_epochs} must be increasing")
     # Builds the ODE plan, which validates step counts, schedule and method.
     model_from_config(config)
+    train_draws(config)
 
 
 def model_from_config(config: ml_collections.ConfigDict, **ode_overrides: Any) -> Any:
@@ -134,6 +139,83 @@ def model_from_config(config: ml_collections.ConfigDict, **ode_overrides: Any) -
         dtype=jnp.dtype(config.dtype),
         **(overrides | ode_overrides),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Where the ODE blocks are solved: None keeps the run's own (Nw: see the module doc)."""
+
+    num_z_steps: int | None = None
+    num_w_steps: int | None = None
+    method: str | None = None
+
+
+def ode_overrides(config: ml_collections.ConfigDict, setting: Setting) -> dict[str, Any]:
+    """The ODEConfig fields (num_z_steps, num_w_steps, method, schedule) of ``setting`` for
+    the run of ``config``; ValueError naming the bad value and the fix when the run's
+    schedule cannot take it (checked by building the model, before anything compiles)."""
+    ode = model_from_config(config).ode
+    asked = {k: v for k, v in dataclasses.asdict(setting).items() if v is not None}
+    if ode is None:
+        if asked:
+            raise ValueError(
+                f"the run is config.variant='baseline', which has no ODE blocks to evaluate at "
+                f"{asked}; pass the workdir of an ODE variant (node, anode, anodev2_*)"
+            )
+        return {}
+    trained = ode.plan()
+    num_z = setting.num_z_steps or trained.num_z_steps
+    method = setting.method or trained.method
+    if method not in stepping.METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {stepping.METHODS}")
+    overrides: dict[str, Any] = {"num_z_steps": num_z, "method": method}
+    if ode.schedule == "conf2":
+        num_w = setting.num_w_steps or trained.num_w_steps
+        # θ(0) on [0, 1/2), θ(1) after: conf2 itself at Nz = 2.
+        schedule = tuple(0 if 2 * n < num_z else num_w for n in range(num_z))
+        overrides["schedule"] = "conf2" if num_z == 2 else schedule
+    else:
+        stages = math.lcm(
+            *(Fraction(c).limit_denominator().denominator for c in stepping.TABLEAUS[method].c)
+        )
+        ratio = trained.num_w_steps // trained.num_z_steps
+        num_w = setting.num_w_steps or num_z * math.lcm(ratio, stages)
+    overrides["num_w_steps"] = num_w
+    try:
+        model_from_config(config, **overrides)
+    except ValueError as error:
+        raise ValueError(
+            f"the run's {ode.schedule if isinstance(ode.schedule, str) else 'custom'} schedule "
+            f"cannot be solved with num_z_steps={num_z}, num_w_steps={num_w}, "
+            f"method={method!r}: {error}"
+        ) from None
+    return overrides
+
+
+def train_draws(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The ODEConfig overrides of each step count a training step may draw
+    (``config.train_num_z_steps``), [] when it draws none; ValueError naming the bad value."""
+    draws = config.get("train_num_z_steps")
+    if draws is None:
+        return []
+    if not (
+        isinstance(draws, tuple | list)
+        and draws
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in draws)
+    ):
+        raise ValueError(
+            f"config.train_num_z_steps={draws!r} must be a tuple of positive step counts, "
+            "e.g. (2, 3, 4), or None"
+        )
+    if model_from_config(config).ode is None:
+        raise ValueError(
+            f"config.train_num_z_steps={tuple(draws)} draws step counts for ODE blocks, and "
+            f"config.variant={config.variant!r} has none; drop it or use an ODE variant"
+        )
+    try:
+        return [ode_overrides(config, Setting(num_z_steps=n)) for n in draws]
+    except ValueError as error:
+        raise ValueError(f"config.train_num_z_steps={tuple(draws)}: {error}") from None
 
 
 def seeds_of(config: ml_collections.ConfigDict) -> list[int]:

@@ -26,12 +26,9 @@ so Nz and Nw vary apart (Euler only: its stages cannot read past θ(1)).
 
 from __future__ import annotations
 
-import bisect
 import copy
 import dataclasses
 import functools
-import math
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +38,17 @@ import ml_collections
 import numpy as np
 
 from anodev2_jax import solve as solve_lib
-from anodev2_jax import stepping
 from anodev2_jax.nn import normalization as norm_lib
 from anodev2_jax.training import checkpoints as checkpoints_lib
 from anodev2_jax.training import data as data_lib
 from anodev2_jax.training import evaluation, parallel
 from anodev2_jax.training import seeds as seeds_lib
 from anodev2_jax.training.config import (
+    Setting,
     data_seed,
     make_optimizer,
     model_from_config,
+    ode_overrides,
     run_config,
     seeds_of,
 )
@@ -59,15 +57,6 @@ from anodev2_jax.training.steps import TrainState, create_state, make_eval_step,
 PyTree = Any
 BN_STATISTICS = ("interpolate", "recalibrate")
 _PER_EVALUATION = ("mean", "var", "scale", "bias")  # BatchNorm leaves that may be (E, C)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """Where the ODE blocks are solved: None keeps the run's own (Nw: see the module doc)."""
-
-    num_z_steps: int | None = None
-    num_w_steps: int | None = None
-    method: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,89 +102,16 @@ def load_run(workdir: str | Path, data_source: str | None = None) -> TrainedRun:
     return TrainedRun(workdir, config, state, dataset, mesh)
 
 
-def ode_overrides(config: ml_collections.ConfigDict, setting: Setting) -> dict[str, Any]:
-    """The ODEConfig fields (num_z_steps, num_w_steps, method, schedule) of ``setting`` for
-    the run of ``config``; ValueError naming the bad value and the fix when the run's
-    schedule cannot take it (checked by building the model, before anything compiles)."""
-    ode = model_from_config(config).ode
-    asked = {k: v for k, v in dataclasses.asdict(setting).items() if v is not None}
-    if ode is None:
-        if asked:
-            raise ValueError(
-                f"the run is config.variant='baseline', which has no ODE blocks to evaluate at "
-                f"{asked}; pass the workdir of an ODE variant (node, anode, anodev2_*)"
-            )
-        return {}
-    trained = ode.plan()
-    num_z = setting.num_z_steps or trained.num_z_steps
-    method = setting.method or trained.method
-    if method not in stepping.METHODS:
-        raise ValueError(f"method={method!r} is unknown; use one of {stepping.METHODS}")
-    overrides: dict[str, Any] = {"num_z_steps": num_z, "method": method}
-    if ode.schedule == "conf2":
-        num_w = setting.num_w_steps or trained.num_w_steps
-        # θ(0) on [0, 1/2), θ(1) after: conf2 itself at Nz = 2.
-        schedule = tuple(0 if 2 * n < num_z else num_w for n in range(num_z))
-        overrides["schedule"] = "conf2" if num_z == 2 else schedule
-    else:
-        stages = math.lcm(
-            *(Fraction(c).limit_denominator().denominator for c in stepping.TABLEAUS[method].c)
-        )
-        ratio = trained.num_w_steps // trained.num_z_steps
-        num_w = setting.num_w_steps or num_z * math.lcm(ratio, stages)
-    overrides["num_w_steps"] = num_w
-    try:
-        model_from_config(config, **overrides)
-    except ValueError as error:
-        raise ValueError(
-            f"the run's {ode.schedule if isinstance(ode.schedule, str) else 'custom'} schedule "
-            f"cannot be solved with num_z_steps={num_z}, num_w_steps={num_w}, "
-            f"method={method!r}: {error}"
-        ) from None
-    return overrides
-
-
-def evaluation_times(plan: solve_lib.Plan) -> tuple[list[Fraction], list[int]]:
-    """The time t_k = (n + c_i)/Nz and stage i of each f evaluation k = n·stages + i."""
-    cs = [Fraction(c).limit_denominator() for c in plan.tableau.c]
-    times = [(n + c) / plan.num_z_steps for n in range(plan.num_z_steps) for c in cs]
-    return times, [i for _ in range(plan.num_z_steps) for i in range(len(cs))]
-
-
-def carry_matrix(old: solve_lib.Plan, new: solve_lib.Plan) -> np.ndarray:
-    """(E_new, E_old) weights that carry per-evaluation rows from ``old``'s evaluations to
-    ``new``'s: one-hot where an old evaluation has the same time and stage, else linear in t
-    over the old rows (rows at equal times averaged; constant beyond the ends)."""
-    old_times, old_stages = evaluation_times(old)
-    new_times, new_stages = evaluation_times(new)
-    grid = sorted(set(old_times))
-    members = [[k for k, t in enumerate(old_times) if t == u] for u in grid]
-    weights = np.zeros((len(new_times), len(old_times)))
-    for row, (t, stage) in enumerate(zip(new_times, new_stages, strict=True)):
-        pairs = zip(old_times, old_stages, strict=True)
-        same = [k for k, (u, s) in enumerate(pairs) if (u, s) == (t, stage)]
-        if same:
-            weights[row, same[0]] = 1.0
-            continue
-        right = min(max(bisect.bisect_left(grid, t), 1), len(grid) - 1) if len(grid) > 1 else 0
-        left = max(right - 1, 0)
-        span = float(grid[right] - grid[left])
-        share = 0.0 if span == 0 else min(max(float(t - grid[left]) / span, 0.0), 1.0)
-        for group, w in ((left, 1.0 - share), (right, share)):
-            for k in members[group]:
-                weights[row, k] += w / len(members[group])
-    return weights
-
-
 def carry_statistics(
     tree: PyTree, old: solve_lib.Plan, new: solve_lib.Plan, seed_axis: bool
 ) -> PyTree:
     """``tree`` (params or batch_stats) with every per-evaluation BatchNorm leaf ((E_old, C),
     or (k, E_old, C) with a seed axis) carried to ``new``'s evaluations by
-    :func:`carry_matrix`; other leaves unchanged. The identity at the training plan."""
+    :func:`anodev2_jax.nn.normalization.carry_matrix`; other leaves
+    unchanged. The identity at the training plan."""
     if old == new:
         return tree
-    weights = carry_matrix(old, new)
+    weights = norm_lib.carry_matrix(old, new)
 
     def carry(path: Any, leaf: jax.Array) -> jax.Array:
         name = getattr(path[-1], "key", None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +27,7 @@ from anodev2_jax.nn import models
 from anodev2_jax.training import data as data_lib
 from anodev2_jax.training import parallel
 from anodev2_jax.training import seeds as seeds_lib
-from anodev2_jax.training.config import seeds_of
+from anodev2_jax.training.config import seeds_of, train_draws
 
 PyTree = Any
 
@@ -67,12 +67,38 @@ def loss_and_gradient(
     return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
 
-def make_train_step(model: Any, optimizer: optax.GradientTransformation, dtype: Any) -> Callable:
+def make_train_step(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    dtype: Any,
+    draws: Sequence[Mapping[str, Any]] = (),
+) -> Callable:
+    """``(state, images, labels) -> (state, metrics)``: one SGD step of ``model``.
+
+    draws: ODEConfig overrides (:func:`anodev2_jax.training.config.train_draws`); each step
+    then solves the ODE blocks with one of them, drawn uniformly from the step's key, their
+    BatchNorm rows staying on ``model``'s grid (``ODEConfig.norm_plan``), and the metrics
+    hold the drawn ``num_z_steps``. One branch per draw is compiled (``lax.switch``; under
+    vmapped seeds every branch runs).
+    """
+    solved = [
+        model.clone(ode=dataclasses.replace(model.ode, **draw, norm_plan=model.ode.plan()))
+        for draw in draws
+    ]
+
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         """One SGD step on a (B, 32, 32, 3) uint8 batch, augmented on device."""
-        (loss, (logits, batch_stats)), grads = loss_and_gradient(
-            model, state, images, labels, dtype
-        )
+        if solved:
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+            index = jax.random.randint(jax.random.fold_in(key, 1), (), 0, len(solved))
+            branches = [
+                lambda m=m: loss_and_gradient(m, state, images, labels, dtype) for m in solved
+            ]
+            (loss, (logits, batch_stats)), grads = jax.lax.switch(index, branches)
+        else:
+            (loss, (logits, batch_stats)), grads = loss_and_gradient(
+                model, state, images, labels, dtype
+            )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1,
@@ -85,6 +111,9 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, dtype: 
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "grad_norm": optax.tree.norm(grads),
         }
+        if solved:
+            steps = jnp.asarray([m.ode.num_z_steps for m in solved], jnp.float32)
+            metrics["num_z_steps"] = steps[index]
         return new_state, metrics
 
     return train_step
@@ -184,7 +213,7 @@ def compile_train_step(
         return blocks_lib.with_block_gradients(model, gradients) if gradients else model
 
     def compile_with(gradients: Mapping[str, str]) -> Any:
-        step = make_train_step(resolved(gradients), optimizer, dtype)
+        step = make_train_step(resolved(gradients), optimizer, dtype, train_draws(config))
         jitted = over_run(step, config, mesh, num_batch_args=2, donate_state=True)
         return jitted.lower(state, images, labels).compile()
 
@@ -237,7 +266,9 @@ def build_steps(
     compiled, model, gradients = compile_train_step(config, model, optimizer, state, mesh, needed)
     dtype = jnp.dtype(config.dtype)
     train = seeds_lib.over_seeds(
-        make_train_step(model, optimizer, dtype), config.num_seeds, config.seed_batching
+        make_train_step(model, optimizer, dtype, train_draws(config)),
+        config.num_seeds,
+        config.seed_batching,
     )
     evaluate, evaluate_batch_statistics = (
         over_run(make_eval_step(model, dtype, statistics), config, mesh, num_batch_args=3)

@@ -2,6 +2,8 @@
 statistics, and the per-evaluation helpers of the ODE blocks (the C++ kernel:
 tests/cpu/test_batch_norm.py)."""
 
+from fractions import Fraction
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from jax.test_util import check_grads
 from test_models import normal
 
 from anodev2_jax import RDA
+from anodev2_jax import solve as solve_lib
 from anodev2_jax.nn import blocks, models
 from anodev2_jax.nn import normalization as norm_lib
 
@@ -99,6 +102,83 @@ def test_at_evaluation_takes_row_k_of_per_evaluation_leaves_only():
     assert tree_allclose(
         row, {"scale": jnp.ones(3), "bias": jnp.zeros(3), "mean": jnp.arange(3.0, 6.0)}
     )
+
+
+def test_interpolation_is_linear_in_time_and_constant_beyond_the_ends():
+    old = solve_lib.make_plan(4, 8, "conf1", "rk2")  # times 0, 1/8, 1/4, ..., 7/8
+    new = solve_lib.make_plan(5, 10, "conf1", "rk4")  # times k/10 and the stage times
+    old_times, _ = norm_lib.evaluation_times(old)
+    new_times, _ = norm_lib.evaluation_times(new)
+    rows = np.array([[3.0 - 2.0 * float(t), float(t) ** 0] for t in old_times])
+    carried = norm_lib.carry_matrix(old, new) @ rows
+    for t, (value, one) in zip(new_times, carried, strict=True):
+        expected = 3.0 - 2.0 * float(min(t, Fraction(7, 8)))
+        assert value == pytest.approx(expected, abs=1e-12) and one == pytest.approx(1.0)
+
+
+def test_rk4_rows_at_equal_times_are_averaged_where_no_stage_matches():
+    old = solve_lib.make_plan(1, 2, "conf1", "rk4")  # stages at 0, 1/2, 1/2, 1
+    new = solve_lib.make_plan(2, 2, "conf1", "euler")  # evaluations at 0 and 1/2, stage 0
+    weights = norm_lib.carry_matrix(old, new)
+    np.testing.assert_array_equal(weights, [[1, 0, 0, 0], [0, 0.5, 0.5, 0]])
+
+
+def _block_variables(ode, x, stats=None):
+    """An ODE block's variables for x, both BatchNorms' running statistics replaced by
+    ``stats`` ({"mean", "var"}: (E, C)) where given."""
+    block = blocks.ODEBlock(8, "resnet", ode, dtype=x.dtype)
+    variables = block.init(jax.random.key(0), x, train=False)
+    if stats is not None:
+        variables = {**variables, "batch_stats": {"bn1": stats, "bn2": stats}}
+    return block, variables
+
+
+def test_a_block_solved_off_its_rows_grid_reads_and_updates_them_by_interpolation():
+    """An ODE block solved at Nz = 4 with its BatchNorm rows on the Nz = 2 grid: in eval mode
+    it is the Nz = 4 block with the rows carried by carry_matrix; in training its running
+    statistics move by the Nz = 4 block's moments carried back to the two rows."""
+    x = normal((2, 6, 6, 8), 0)
+    rows = solve_lib.make_plan(2, 2, "conf1", "euler")
+    solved = blocks.ODEConfig(num_z_steps=4, norm_plan=rows)
+    plain = blocks.ODEConfig(num_z_steps=4)
+    stats = {"mean": normal((2, 8), 1), "var": 1.0 + normal((2, 8), 2) ** 2}
+    block, variables = _block_variables(solved, x, stats)
+    assert variables["batch_stats"]["bn1"]["mean"].shape == (2, 8)
+    read = norm_lib.carry_matrix(rows, plain.plan())
+    carried = jax.tree.map(lambda rows: read @ rows, stats)
+    reference, reference_variables = _block_variables(plain, x, carried)
+    reference_variables = {**reference_variables, "params": variables["params"]}
+    assert tree_allclose(
+        block.apply(variables, x, train=False),
+        reference.apply(reference_variables, x, train=False),
+        rtol=1e-12,
+    )
+
+    zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    _, updates = block.apply({**variables, "batch_stats": zero}, x, train=True, mutable=True)
+    zero4 = jax.tree.map(jnp.zeros_like, reference_variables["batch_stats"])
+    _, updates4 = reference.apply(
+        {**reference_variables, "batch_stats": zero4}, x, train=True, mutable=True
+    )
+    write = norm_lib.carry_matrix(plain.plan(), rows)
+    carried = jax.tree.map(lambda m: write @ m, updates4["batch_stats"])
+    assert tree_allclose(updates["batch_stats"], carried, rtol=1e-12)
+
+
+def test_a_block_on_its_own_rows_grid_is_unchanged():
+    x = normal((2, 6, 6, 8), 0)
+    ode = blocks.ODEConfig(num_z_steps=3)
+    block, variables = _block_variables(
+        ode, x, {"mean": normal((3, 8), 1), "var": jnp.ones((3, 8))}
+    )
+    same = blocks.ODEBlock(
+        8, "resnet", blocks.ODEConfig(num_z_steps=3, norm_plan=ode.plan()), dtype=x.dtype
+    )
+    for train in (False, True):
+        ours = same.apply(variables, x, train=train, mutable=["batch_stats"])
+        assert tree_allclose(ours, block.apply(variables, x, train=train, mutable=["batch_stats"]))
+    with pytest.raises(ValueError, match=r"norm_plan=3 is not a plan; pass another ODEConfig"):
+        blocks.ODEConfig(norm_plan=3)
 
 
 # -- the running statistics fit the trained network ------------------------------------------------

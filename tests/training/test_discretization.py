@@ -4,17 +4,18 @@ setting, statistics carried in time, recalibration, the sweep, evaluate.py and i
 import json
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tree_relative_error
 from test_training import tiny_config
 
 from anodev2_jax import solve as solve_lib
 from anodev2_jax import training
+from anodev2_jax.nn import normalization
 from anodev2_jax.training import data
 from anodev2_jax.training import discretization as disc
 from anodev2_jax.training import sweep as sweep_lib
@@ -43,32 +44,13 @@ def test_the_training_setting_reproduces_the_recorded_accuracy_exactly(conf1_run
 
 def test_carrying_to_the_training_plan_is_the_identity():
     plan = solve_lib.make_plan(5, 10, "conf1", "rk4")
-    np.testing.assert_array_equal(disc.carry_matrix(plan, plan), np.eye(20))
+    np.testing.assert_array_equal(normalization.carry_matrix(plan, plan), np.eye(20))
     rows = {"bn": {"mean": jnp.arange(60.0).reshape(3, 20, 1) / 7, "var": jnp.ones((3, 20, 1))}}
     assert disc.carry_statistics(rows, plan, plan, seed_axis=True) is rows
     # the same times and stages under another step count: the same rows, exactly
     coarse, fine = solve_lib.make_plan(2, 2, "conf1", "euler"), solve_lib.make_plan(4, 4)
-    weights = disc.carry_matrix(coarse, fine)
+    weights = normalization.carry_matrix(coarse, fine)
     np.testing.assert_array_equal(weights[[0, 2]], np.eye(2))
-
-
-def test_interpolation_is_linear_in_time_and_constant_beyond_the_ends():
-    old = solve_lib.make_plan(4, 8, "conf1", "rk2")  # times 0, 1/8, 1/4, ..., 7/8
-    new = solve_lib.make_plan(5, 10, "conf1", "rk4")  # times k/10 and the stage times
-    old_times, _ = disc.evaluation_times(old)
-    new_times, _ = disc.evaluation_times(new)
-    rows = np.array([[3.0 - 2.0 * float(t), float(t) ** 0] for t in old_times])
-    carried = disc.carry_matrix(old, new) @ rows
-    for t, (value, one) in zip(new_times, carried, strict=True):
-        expected = 3.0 - 2.0 * float(min(t, Fraction(7, 8)))
-        assert value == pytest.approx(expected, abs=1e-12) and one == pytest.approx(1.0)
-
-
-def test_rk4_rows_at_equal_times_are_averaged_where_no_stage_matches():
-    old = solve_lib.make_plan(1, 2, "conf1", "rk4")  # stages at 0, 1/2, 1/2, 1
-    new = solve_lib.make_plan(2, 2, "conf1", "euler")  # evaluations at 0 and 1/2, stage 0
-    weights = disc.carry_matrix(old, new)
-    np.testing.assert_array_equal(weights, [[1, 0, 0, 0], [0, 0.5, 0.5, 0]])
 
 
 def test_recalibration_is_the_mean_of_the_batch_moments(conf1_run):
@@ -158,3 +140,37 @@ def test_evaluate_command_prints_the_recorded_accuracy_and_names_bad_flags(conf1
     recorded = results["per_seed"][1]["final_test_accuracy"]
     assert proc.stdout.startswith(f"seed 1: test accuracy {recorded:.4f}, loss")
     assert "Nz=2 Nw=2 euler, BatchNorm statistics interpolate" in proc.stdout
+
+
+def test_a_step_that_draws_its_step_count_solves_at_the_drawn_one():
+    """A step of an anode run (rows on Nz = 2) that draws from (3,) moves the parameters as a
+    plain Nz = 3 step does; its BatchNorm rows stay two."""
+    config = tiny_config(num_z_steps=2, train_num_z_steps=(3,), warmup_epochs=0.0)
+    plain_config = tiny_config(num_z_steps=3, warmup_epochs=0.0)
+    optimizer = training.make_optimizer(config, 6)
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(16, dtype=np.int32) % 10
+    states = []
+    for c, draws in ((config, training.train_draws(config)), (plain_config, [])):
+        model = training.model_from_config(c)
+        step = jax.jit(training.make_train_step(model, optimizer, jnp.float32, draws))
+        states.append(step(training.create_state(model, optimizer, c), images, labels))
+    (drawn, metrics), (plain, _) = states
+    assert float(metrics["num_z_steps"]) == 3
+    before = training.create_state(training.model_from_config(config), optimizer, config)
+    assert (
+        tree_relative_error(drawn.params["layer1_1"]["w0"], before.params["layer1_1"]["w0"]) > 1e-3
+    )
+    assert tree_relative_error(drawn.params, plain.params) <= 1e-6
+    assert drawn.batch_stats["layer1_1"]["bn1"]["mean"].shape == (2, 16)
+
+
+def test_a_run_that_draws_step_counts_logs_them_and_evaluates_at_its_own(tmp_path):
+    config = tiny_config(num_z_steps=2, train_num_z_steps=(1, 2, 3), num_epochs=1)
+    results = training.train_and_evaluate(config, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    drawn = [r["num_z_steps"] for r in records if r["kind"] == "train"]
+    assert drawn and all(1 <= n <= 3 for n in drawn)
+    evaluation = disc.evaluate_run(tmp_path)
+    assert evaluation.accuracy == [results["per_seed"][0]["final_test_accuracy"]]
+    assert evaluation.num_z_steps == 2

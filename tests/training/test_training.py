@@ -149,6 +149,8 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         (dict(kernel="gauss"), r"config.kernel='gauss' is unknown; use one of \('dirac'"),
         (dict(kernel="exponential", kernel_rate=0.0), "config.kernel_rate=0.0 must be"),
         (dict(kernel_rate=2.0), "kernel='dirac' has no rate; use --config.kernel=exponential"),
+        (dict(train_num_z_steps=(0, 2)), r"train_num_z_steps=\(0, 2\) must be a tuple of pos"),
+        (dict(variant="baseline", train_num_z_steps=(1, 2)), "variant='baseline' has none"),
     ],
 )
 def test_config_errors_name_the_field_before_compiling(tmp_path, overrides, message):
