@@ -191,7 +191,9 @@ class CompiledStep:
             _, self.model, self.gradients = training.compile_train_step(
                 config, self.model, optimizer, state, mesh
             )
-        step = training.make_train_step(self.model, optimizer, jnp.dtype(config.dtype))
+        step = training.make_train_step(
+            self.model, optimizer, jnp.dtype(config.dtype), training.train_draws(config)
+        )
         images, labels = random_batch(config.batch_size)
         self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
         start = time.perf_counter()
@@ -201,6 +203,7 @@ class CompiledStep:
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
         self.flops = flops_of(self.compiled)
+        self.drawn: list[int] = []
 
     def loss_function(self) -> Callable[[Any], jax.Array]:
         """params -> the train step's loss on this batch (normalized, not augmented), with
@@ -216,7 +219,9 @@ class CompiledStep:
         return loss
 
     def time_steps(self, steps: int, warmup: int) -> list[float]:
-        """Seconds of each of ``steps`` train steps after ``warmup`` untimed ones."""
+        """Seconds of each of ``steps`` train steps after ``warmup`` untimed ones; with
+        ``config.train_num_z_steps``, the step count each timed step drew is appended to
+        ``self.drawn``."""
         state = self.state
         times = []
         for i in range(warmup + steps):
@@ -225,6 +230,8 @@ class CompiledStep:
             jax.block_until_ready((state, metrics))
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+                if "num_z_steps" in metrics:
+                    self.drawn.append(int(metrics["num_z_steps"]))
         if not np.isfinite(float(metrics["loss"])):
             raise RuntimeError(f"non-finite loss {float(metrics['loss'])} in the benchmark")
         self.state = state
