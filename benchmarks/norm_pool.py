@@ -1,0 +1,148 @@
+"""Our C++ BatchNorm and max-pool kernels against oneDNN's, on the models' shapes.
+
+    .venv/bin/python -m benchmarks.norm_pool --json norm_pool.json
+
+Per shape, forward and forward + backward of training-mode BatchNorm with a fused ReLU
+(``anodev2_jax.cpu.batch_norm``) and of the max pool (``anodev2_jax.cpu.max_pool``), each
+jitted alone, against oneDNN's primitives on the same NHWC float32 shape
+(``benchmarks/onednn_norm_pool.cc``, compiled here against the oneDNN wheel and run as a
+child process: batch_normalization with scale, shift and fused ReLU; pooling_max with its
+workspace). This process runs with train.py's malloc settings (``--cpu_malloc``). Median ms
+of ``--reps`` calls; the two alternate for ``--rounds`` rounds and each
+keeps its best median. Needs a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anodev2_jax.cpu import batch_norm as cpu_batch_norm
+from anodev2_jax.cpu import max_pool as cpu_max_pool
+from anodev2_jax.cpu import native, onednn
+from benchmarks import common
+
+SOURCE = Path(__file__).with_name("onednn_norm_pool.cc")
+# name: (H, W, C, pool size or 0 for BatchNorm)
+SHAPES = {
+    "bn 32x32x16": (32, 32, 16, 0),  # ResNet-4/10 stem and blocks
+    "bn 16x16x32": (16, 16, 32, 0),  # ResNet-10 layer2
+    "bn 32x32x64": (32, 32, 64, 0),  # AlexNet conv1
+    "bn 16x16x64": (16, 16, 64, 0),  # AlexNet ODE block
+    "pool 8 at 32x32x16": (32, 32, 16, 8),  # ResNet-4
+    "pool 8 at 16x16x32": (16, 16, 32, 8),  # ResNet-10
+    "pool 2 at 32x32x64": (32, 32, 64, 2),  # AlexNet after conv1
+    "pool 2 at 16x16x64": (16, 16, 64, 2),  # AlexNet after the ODE block
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--shapes", type=common.name_list(tuple(SHAPES), "shape"), default=list(SHAPES)
+    )
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=2)
+    common.add_cpu_malloc_arg(parser)
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def build(workdir: Path) -> Path:
+    """The oneDNN timing program, compiled against the wheel under sys.prefix."""
+    root = onednn.prefix()
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if root is None or compiler is None:
+        raise SystemExit("needs the oneDNN wheels (the README's install) and a C++ compiler")
+    binary = workdir / "onednn_norm_pool"
+    lib = root / "lib"
+    flags = ["-O2", "-std=c++17", f"-I{root / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    subprocess.run([compiler, *flags, str(SOURCE), "-ldnnl", "-o", str(binary)], check=True)
+    return binary
+
+
+def onednn_ms(binary: Path, shape: tuple[int, int, int, int], batch: int, reps: int):
+    h, w, c, size = shape
+    args = ["pool", batch, h, w, c, size] if size else ["bn", batch, h, w, c]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # as anodev2_jax.cpu.onednn sets it
+    command = [str(binary), *map(str, args), str(reps)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    values = dict(line.split() for line in out.splitlines())
+    return {"fwd": float(values["fwd"]), "fwd+bwd": float(values["fwd+bwd"])}
+
+
+def ours(shape: tuple[int, int, int, int], batch: int) -> dict[str, Callable[[], jax.Array]]:
+    """Our kernels' forward and forward + backward on this shape, jitted, ready to call."""
+    h, w, c, size = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, h, w, c)), jnp.float32)
+    if size:
+        fn = lambda x: cpu_max_pool.max_pool(x, size)
+        params: tuple[jax.Array, ...] = ()
+    else:
+        fn = lambda x, s, b: cpu_batch_norm.batch_norm_relu(x, s, b, 1e-5, True)[0]
+        params = (jnp.ones((c,), jnp.float32), jnp.full((c,), 0.1, jnp.float32))
+    y = jax.eval_shape(fn, x, *params)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    forward = jax.jit(fn)
+    both = jax.jit(lambda x, g, *p: jax.vjp(fn, x, *p)[1](g))
+    return {
+        "fwd": lambda: jax.block_until_ready(forward(x, *params)),
+        "fwd+bwd": lambda: jax.block_until_ready(both(x, g, *params)),
+    }
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    common.tune_malloc(args)  # as train.py runs: freed buffers are reused, not faulted in again
+    if not native.available():
+        raise SystemExit("our C++ kernels did not build; see the warning above")
+    env = common.environment(None, args.cpu_malloc_tuned)
+    print(f"{env['cpu']}; {env['cpu_count']} CPUs; batch {args.batch}; median ms", flush=True)
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = build(Path(tmp))
+        for name in args.shapes:
+            fns = ours(SHAPES[name], args.batch)
+            best: dict[str, dict[str, float]] = {"ours": {}, "onednn": {}}
+            for _ in range(args.rounds):
+                theirs = onednn_ms(binary, SHAPES[name], args.batch, args.reps)
+                for step, fn in fns.items():
+                    mine = median_ms(fn, args.reps)
+                    best["ours"][step] = min(best["ours"].get(step, mine), mine)
+                    best["onednn"][step] = min(best["onednn"].get(step, theirs[step]), theirs[step])
+            for step in fns:
+                a, b = best["ours"][step], best["onednn"][step]
+                rows.append([name, step, f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}"])
+                print(f"{name:20s} {step:8s} ours {a:7.2f}  oneDNN {b:7.2f}", flush=True)
+            results.append({"shape": name, **best})
+    print()
+    print(common.markdown_table(["op", "pass", "ours ms", "oneDNN ms", "oneDNN ÷ ours"], rows))
+    common.write_json(args.json, {"environment": env, "batch": args.batch, "rows": results})
+
+
+if __name__ == "__main__":
+    main()
