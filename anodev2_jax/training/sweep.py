@@ -208,6 +208,9 @@ def title_of(run: disc.TrainedRun) -> str:
         if plan is None
         else (f", trained Nz={plan.num_z_steps} Nw={plan.num_w_steps} {plan.method}")
     )
+    draws = config.get("train_num_z_steps")
+    if plan is not None and draws:
+        trained = f", trained drawing Nz from {tuple(draws)}, statistics on Nz={plan.num_z_steps}"
     return (
         f"{paper.MODEL_NAMES[config.model]} {config.variant}, seeds {seeds[0]}–{seeds[-1]}{trained}"
     )
