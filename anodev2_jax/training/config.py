@@ -143,7 +143,8 @@ def model_from_config(config: ml_collections.ConfigDict, **ode_overrides: Any) -
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """Where the ODE blocks are solved: None keeps the run's own (Nw: see the module doc)."""
+    """Where the ODE blocks are solved: None keeps the run's own (how Nw follows Nz:
+    :mod:`anodev2_jax.training.discretization`)."""
 
     num_z_steps: int | None = None
     num_w_steps: int | None = None
