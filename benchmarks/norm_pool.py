@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,9 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build(workdir: Path) -> Path:
     """The oneDNN timing program, compiled against the wheel under sys.prefix."""
     root = onednn.prefix()
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if root is None or compiler is None:
-        raise SystemExit("needs the oneDNN wheels (the README's install) and a C++ compiler")
+    if root is None:
+        raise SystemExit("needs the oneDNN wheels (the README's install)")
+    compiler = native.find_compiler()
     binary = workdir / "onednn_norm_pool"
     lib = root / "lib"
     flags = ["-O2", "-std=c++17", f"-I{root / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
@@ -105,14 +103,7 @@ def ours(shape: tuple[int, int, int, int], batch: int) -> dict[str, Callable[[],
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return 1e3 * statistics.median(common.time_calls(fn, reps, warmup=3))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -222,6 +222,14 @@ def _build() -> Path:
     return build_library("anodev2_native", [*SOURCES, *HEADERS], FLAGS)
 
 
+def find_compiler() -> str:
+    """$CXX, else ``c++`` or ``g++`` on the PATH; RuntimeError naming the fix without one."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    return compiler
+
+
 def build_library(stem: str, sources: list[Path], flags: list[str]) -> Path:
     """The shared library ``stem-<hash>.so`` compiled from the ``.cc`` files among ``sources``
     (the others, headers, count for the hash only) with ``flags`` and jaxlib's FFI headers,
@@ -230,9 +238,7 @@ def build_library(stem: str, sources: list[Path], flags: list[str]) -> Path:
     a compiler or on an unsupported OS, CalledProcessError when compiling fails."""
     if platform.system() not in ("Linux", "Darwin"):
         raise RuntimeError(f"building C++ extensions on {platform.system()} is not supported")
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    compiler = find_compiler()
     flags = [*flags, f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256(
         b"\0".join(

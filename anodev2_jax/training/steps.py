@@ -51,13 +51,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def step_key(state: TrainState) -> jax.Array:
+    """The PRNG key of the train step at ``state.step`` (augmentation; a drawn step count)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+
+
 def loss_and_gradient(
     model: Any, state: TrainState, images: jax.Array, labels: jax.Array, dtype: Any
 ) -> tuple[tuple[jax.Array, tuple[jax.Array, PyTree]], PyTree]:
     """((loss, (logits, new batch_stats)), ∂loss/∂params) of the train step at ``state`` on a
     (B, 32, 32, 3) uint8 batch, augmented on the device with the step's key."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    inputs = data_lib.normalize(data_lib.augment(key, images)).astype(dtype)
+    inputs = data_lib.normalize(data_lib.augment(step_key(state), images)).astype(dtype)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -89,8 +93,7 @@ def make_train_step(
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         """One SGD step on a (B, 32, 32, 3) uint8 batch, augmented on device."""
         if solved:
-            key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-            index = jax.random.randint(jax.random.fold_in(key, 1), (), 0, len(solved))
+            index = jax.random.randint(jax.random.fold_in(step_key(state), 1), (), 0, len(solved))
             branches = [
                 lambda m=m: loss_and_gradient(m, state, images, labels, dtype) for m in solved
             ]
