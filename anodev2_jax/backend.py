@@ -7,9 +7,9 @@ never names a platform. With the CPU speed-ups (JAX's default backend is the CPU
 the speed-ups off) it means the plain JAX path:
 
 - convolution ``conv_impl`` (:func:`conv_impl`): "cpu", else "xla";
-- C++ kernels of BatchNorm, the max pool and the convolution (:func:`runs_cpu_kernels`):
-  for float32/64 under any conv impl but "xla", else never, whatever the conv impl; and
-  oneDNN's convolutions (:func:`runs_onednn`) likewise, for float32;
+- the C++ convolution kernels (:func:`runs_cpu_kernels`): for float32/64 under any conv
+  impl but "xla", else never, whatever the conv impl; and oneDNN's convolutions, BatchNorm
+  and max pool (:func:`runs_onednn`) likewise, for float32;
 - seed batching (:func:`seed_batching`): "loop", else "vmap";
 - input pipeline (:func:`input_pipeline`): "host", else "device";
 - the RDA's transform (:func:`rda_transform`): "matrix" up to 64 taps, else "fft";
@@ -80,10 +80,10 @@ def runs_cpu_kernels(impl: str, dtype: Any) -> bool:
 
 
 def runs_onednn(impl: str, dtype: Any) -> bool:
-    """Whether a convolution given the conv impl ``impl`` may run by oneDNN: impl "cpu",
-    "cpu_paired" or "auto", with the CPU speed-ups, float32 (oneDNN has no float64
-    convolution on the CPU), and oneDNN's calls built (:func:`anodev2_jax.cpu.onednn.available`,
-    which builds them on first use)."""
+    """Whether an op given the conv impl ``impl`` (a convolution, BatchNorm, the max pool) may
+    run by oneDNN: impl "cpu", "cpu_paired" or "auto", with the CPU speed-ups, float32 (oneDNN
+    has no float64 convolution or BatchNorm on the CPU), and oneDNN's calls built
+    (:func:`anodev2_jax.cpu.onednn.available`, which builds them on first use)."""
     if impl == "xla" or not cpu_speedups() or jnp.dtype(dtype) != jnp.float32:
         return False
     from anodev2_jax.cpu import onednn  # the CPU package only where it can run

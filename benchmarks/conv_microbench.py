@@ -13,6 +13,8 @@ after ``--warmup``. Formulations (``anodev2_jax.cpu.conv``):
 - ``cpu``, ``cpu_paired``: what ``conv2d`` runs with that impl, each pass by jax.vjp of it
   (the kernel gradient behind its conditional, the same for both; oneDNN's where
   ``anodev2_jax.cpu.onednn.takes`` gives it the pass);
+- ``hand``: impl "cpu" with oneDNN off, traced with ``onednn.takes`` false: the hand-written
+  kernels and XLA formulations it falls back on, for every row;
 - ``onednn``: oneDNN's FFI call alone (``anodev2_jax.cpu.onednn``), for every row;
 - ``conv``: the stride-1 kernel gradient as one convolution, without the conditional;
 - ``taps``: the kernel gradient as one matmul per shifted (strided) slice of the padded input;
@@ -40,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +64,17 @@ SHAPES = {
     "alex_stem": (32, 3, 64, 5, 1, 2),  # AlexNet conv1
     "alex64": (16, 64, 64, 5, 1, 2),  # AlexNet ODE block
 }
-FORMULATIONS = ("xla", "cpu", "cpu_paired", "onednn", "conv", "taps", "taps_barrier", "im2col")
+FORMULATIONS = (
+    "xla",
+    "cpu",
+    "cpu_paired",
+    "hand",
+    "onednn",
+    "conv",
+    "taps",
+    "taps_barrier",
+    "im2col",
+)
 TOLERANCE = 1e-4  # float32 sums of up to 131072 products, in a different order
 
 
@@ -141,6 +154,16 @@ def kernel_grad_im2col(
     return (patches @ g.reshape(-1, g.shape[3])).reshape(k, k, x.shape[3], g.shape[3])
 
 
+def hand(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn traced with oneDNN off: impl "cpu" on its hand-written kernels alone."""
+
+    def traced(*args: Any) -> Any:
+        with mock.patch.object(onednn, "takes", lambda *args, **kwargs: False):
+            return fn(*args)
+
+    return traced
+
+
 def _channels(v: jax.Array) -> jax.Array:
     return v.reshape(1, 1, 1, -1)
 
@@ -189,7 +212,10 @@ def pass_functions(
         "cpu": lambda w, g: jax.vjp(lambda x: conv("cpu")(x, w), x)[1](g)[0],
         "cpu_paired": lambda w, g: jax.vjp(lambda x: conv("cpu_paired")(x, w), x)[1](g)[0],
     }
-    if onednn.available():  # oneDNN alone, whatever impl "cpu" gives it
+    if onednn.available():  # oneDNN alone, and the hand kernels alone, whatever "cpu" picks
+        fwd_of["hand"], dx_of["hand"], dw_of["hand"] = map(
+            hand, (fwd_of["cpu"], dx_of["cpu"], dw_of["cpu"])
+        )
         before, out_hw = (pads[0][0], pads[1][0]), y_shape[1:3]
         fwd_of["onednn"] = lambda x, w: onednn.conv_forward(x, w, before, stride, out_hw)
         dx_of["onednn"] = lambda w, g: onednn.conv_input_grad(g, w, x.shape, before, stride)

@@ -1,15 +1,17 @@
-"""Our C++ BatchNorm and max-pool kernels against oneDNN's, on the models' shapes.
+"""BatchNorm and the max pool on the models' shapes: XLA's, impl "cpu"'s, and oneDNN's alone.
 
     .venv/bin/python -m benchmarks.norm_pool --json norm_pool.json
 
-Per shape, forward and forward + backward of training-mode BatchNorm with a fused ReLU
-(``anodev2_jax.cpu.batch_norm``) and of the max pool (``anodev2_jax.cpu.max_pool``), each
-jitted alone, against oneDNN's primitives on the same NHWC float32 shape
-(``benchmarks/onednn_norm_pool.cc``, compiled here against the oneDNN wheel and run as a
-child process: batch_normalization with scale, shift and fused ReLU; pooling_max with its
-workspace). This process runs with train.py's malloc settings (``--cpu_malloc``). Median ms
-of ``--reps`` calls; the two alternate for ``--rounds`` rounds and each
-keeps its best median. Needs a quiet machine.
+Per shape, forward and forward + backward of training-mode BatchNorm with a ReLU
+(``anodev2_jax.nn.normalization.batch_norm``) and of the max pool
+(``anodev2_jax.nn.pooling.max_pool``), each jitted alone with impl "xla" and with impl "cpu"
+(oneDNN's primitives through our FFI calls, ``anodev2_jax.cpu.batch_norm`` and
+``anodev2_jax.cpu.max_pool``), beside the same primitives called directly on the same NHWC
+float32 shape (``benchmarks/onednn_norm_pool.cc``, compiled here against the oneDNN wheel
+and run as a child process, over preallocated buffers: what the FFI calls cost on top).
+This process runs with train.py's malloc settings (``--cpu_malloc``). Median ms of
+``--reps`` calls; the three alternate for ``--rounds`` rounds and each keeps its best
+median. Needs a quiet machine.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anodev2_jax.cpu import batch_norm as cpu_batch_norm
-from anodev2_jax.cpu import max_pool as cpu_max_pool
 from anodev2_jax.cpu import native, onednn
+from anodev2_jax.nn import normalization, pooling
 from benchmarks import common
 
 SOURCE = Path(__file__).with_name("onednn_norm_pool.cc")
@@ -81,16 +82,21 @@ def onednn_ms(binary: Path, shape: tuple[int, int, int, int], batch: int, reps: 
     return {"fwd": float(values["fwd"]), "fwd+bwd": float(values["fwd+bwd"])}
 
 
-def ours(shape: tuple[int, int, int, int], batch: int) -> dict[str, Callable[[], jax.Array]]:
-    """Our kernels' forward and forward + backward on this shape, jitted, ready to call."""
+def jitted(
+    shape: tuple[int, int, int, int], batch: int, impl: str
+) -> dict[str, Callable[[], jax.Array]]:
+    """The op's forward and forward + backward with ``impl`` on this shape, ready to call."""
     h, w, c, size = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, h, w, c)), jnp.float32)
+    fn: Callable[..., jax.Array]
     if size:
-        fn = lambda x: cpu_max_pool.max_pool(x, size)
+        fn = lambda x: pooling.max_pool(x, size, impl)
         params: tuple[jax.Array, ...] = ()
     else:
-        fn = lambda x, s, b: cpu_batch_norm.batch_norm_relu(x, s, b, 1e-5, True)[0]
+        fn = lambda x, s, b: normalization.batch_norm(
+            x, {"scale": s, "bias": b}, True, relu=True, impl=impl
+        )[0]
         params = (jnp.ones((c,), jnp.float32), jnp.full((c,), 0.1, jnp.float32))
     y = jax.eval_shape(fn, x, *params)
     g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
@@ -109,29 +115,33 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     common.tune_malloc(args)  # as train.py runs: freed buffers are reused, not faulted in again
-    if not native.available():
-        raise SystemExit("our C++ kernels did not build; see the warning above")
+    if not onednn.available():
+        raise SystemExit("oneDNN's calls did not build; see the warning above")
     env = common.environment(None, args.cpu_malloc_tuned)
     print(f"{env['cpu']}; {env['cpu_count']} CPUs; batch {args.batch}; median ms", flush=True)
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         binary = build(Path(tmp))
         for name in args.shapes:
-            fns = ours(SHAPES[name], args.batch)
-            best: dict[str, dict[str, float]] = {"ours": {}, "onednn": {}}
+            fns = {impl: jitted(SHAPES[name], args.batch, impl) for impl in ("xla", "cpu")}
+            best: dict[str, dict[str, float]] = {"xla": {}, "cpu": {}, "onednn": {}}
             for _ in range(args.rounds):
-                theirs = onednn_ms(binary, SHAPES[name], args.batch, args.reps)
-                for step, fn in fns.items():
-                    mine = median_ms(fn, args.reps)
-                    best["ours"][step] = min(best["ours"].get(step, mine), mine)
-                    best["onednn"][step] = min(best["onednn"].get(step, theirs[step]), theirs[step])
-            for step in fns:
-                a, b = best["ours"][step], best["onednn"][step]
-                rows.append([name, step, f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}"])
-                print(f"{name:20s} {step:8s} ours {a:7.2f}  oneDNN {b:7.2f}", flush=True)
+                times = {"onednn": onednn_ms(binary, SHAPES[name], args.batch, args.reps)}
+                for impl, passes in fns.items():
+                    times[impl] = {step: median_ms(fn, args.reps) for step, fn in passes.items()}
+                for impl, ms in times.items():
+                    for step, t in ms.items():
+                        best[impl][step] = min(best[impl].get(step, t), t)
+            for step in fns["cpu"]:
+                xla, cpu, alone = (best[impl][step] for impl in ("xla", "cpu", "onednn"))
+                rows.append(
+                    [name, step, *(f"{t:.2f}" for t in (xla, cpu, alone)), f"{xla / cpu:.2f}"]
+                )
+                print(f"{name:20s} {step:8s} xla {xla:7.2f}  cpu {cpu:7.2f}  oneDNN {alone:7.2f}")
             results.append({"shape": name, **best})
     print()
-    print(common.markdown_table(["op", "pass", "ours ms", "oneDNN ms", "oneDNN ÷ ours"], rows))
+    headers = ["op", "pass", "xla ms", "cpu ms", "oneDNN alone ms", "xla ÷ cpu"]
+    print(common.markdown_table(headers, rows))
     common.write_json(args.json, {"environment": env, "batch": args.batch, "rows": results})
 
 

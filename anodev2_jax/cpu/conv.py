@@ -6,11 +6,12 @@ order, in a form that XLA:CPU runs faster; :func:`conv_cpu` ties them together w
 16 channels in or out to YNNPACK on one thread, and others to Eigen on all threads; the
 choices below work around both (timings: BENCHMARKS.md §1, ``benchmarks/conv_microbench.py``).
 
-- In float32, the passes that oneDNN runs faster (:func:`anodev2_jax.cpu.onednn.takes`:
-  every pass from 64 channels out, as in AlexNet, but a stem's kernel gradient; the
-  3-channel stems' forward and input gradient; the input gradient at stride 2) go to oneDNN
-  (:mod:`anodev2_jax.cpu.onednn`), which picks its kernels for the running CPU. The rest,
-  and everything in float64, as follows.
+- In float32, the passes where no hand-written kernel beat oneDNN on two CPU kinds
+  (:func:`anodev2_jax.cpu.onednn.takes`: every pass from 64 channels out, as in AlexNet, but
+  a stem's kernel gradient; below that, the forward and input gradient but Winograd's and the
+  forward at stride 2) go to oneDNN (:mod:`anodev2_jax.cpu.onednn`), which picks its kernels
+  for the running CPU. The rest (the kernel gradients of the ResNets, Winograd's 3×3 at 32
+  channels, the strided forward), and everything in float64, as follows.
 - Forward, and the input gradient below, with whole vectors of outputs (Cout a multiple of
   16 float32 or 8 float64), any kernel and stride but 1×1 at stride 1 (a matmul, XLA's): a
   C++ kernel (``csrc/conv_forward.cc``, :func:`anodev2_jax.cpu.native.conv_forward`) that
@@ -70,7 +71,7 @@ _YNN_DTYPES = (jnp.float32, jnp.float64)  # the float types YNNPACK convolves (j
 def _conv(x: jax.Array, w: jax.Array, stride: int, pads: Pads, paired: bool) -> jax.Array:
     """The convolution as impl="cpu" (paired=False) or "cpu_paired" computes it."""
     kh, kw, cin, cout = w.shape
-    if onednn.takes("fwd", x.dtype, w.shape, stride):
+    if onednn.takes("fwd", x.dtype, w.shape, stride, _winograd_applies(x, w.shape, stride)):
         return onednn.conv(x, w, stride, pads)
     if (kh * kw > 1 or stride > 1) and _native_conv_applies(x, cout):  # 1x1/1: a matmul
         return _conv_native(x, w, stride, pads)
@@ -179,11 +180,12 @@ def _conv_cpu_bwd(
     g: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
-    if onednn.takes("dx", x.dtype, w.shape, stride):
+    winograd = _winograd_applies(x, w.shape, stride)
+    if onednn.takes("dx", x.dtype, w.shape, stride, winograd):
         dx = onednn.input_grad(g, w, x.shape, stride, pads)
     else:
         dx = input_grad(g, w, x.shape, stride, pads, paired)
-    if onednn.takes("dw", x.dtype, w.shape, stride):
+    if onednn.takes("dw", x.dtype, w.shape, stride, winograd):
         dw = onednn.kernel_grad(x, g, w.shape, stride, pads)
     elif (w.shape[0] * w.shape[1] > 1 or stride > 1) and _native_kernel_grad_applies(x, w.shape):
         dw = _kernel_grad_native(x, g, w.shape, stride, pads)

@@ -33,36 +33,44 @@ from anodev2_jax import backend
 from anodev2_jax.cpu import native
 from anodev2_jax.nn.conv import Pads, conv_xla
 
-SOURCE = native.CSRC / "onednn_conv.cc"
+SOURCES = (native.CSRC / "onednn_conv.cc", native.CSRC / "onednn_norm_pool.cc")
 _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_onednn_conv_forward": "Anodev2OnednnConvForward",
     "anodev2_onednn_conv_input_grad": "Anodev2OnednnConvInputGrad",
     "anodev2_onednn_conv_kernel_grad": "Anodev2OnednnConvKernelGrad",
+    "anodev2_onednn_batch_norm": "Anodev2OnednnBatchNorm",
+    "anodev2_onednn_batch_norm_grad": "Anodev2OnednnBatchNormGrad",
+    "anodev2_onednn_max_pool": "Anodev2OnednnMaxPool",
+    "anodev2_onednn_max_pool_grad": "Anodev2OnednnMaxPoolGrad",
 }
 # oneDNN takes every pass from this many output channels (AlexNet's convolutions) but the
-# kernel gradient of the stems (up to this many input channels), and the stems' forward and
-# input gradient. A stem's kernel gradient sums over every pixel of the batch with BatchNorm's
-# zero-mean g: the hand kernel stays within 1e-6 of the exact result there, oneDNN's and
-# XLA's are 7e-6 to 1.5e-5 off (benchmarks/conv_accuracy.py, BENCHMARKS.md).
+# kernel gradient of the stems (up to this many input channels). A stem's kernel gradient sums
+# over every pixel of the batch with BatchNorm's zero-mean g: the hand kernel stays within
+# 1e-6 of the exact result there, oneDNN's and XLA's are 7e-6 to 1.5e-5 off
+# (benchmarks/conv_accuracy.py, BENCHMARKS.md).
 MIN_COUT = 64
 MAX_CIN_STEM = 4
 
 
-def takes(pass_name: str, dtype: Any, kernel_shape: tuple[int, ...], stride: int) -> bool:
+def takes(
+    pass_name: str, dtype: Any, kernel_shape: tuple[int, ...], stride: int, winograd: bool
+) -> bool:
     """Whether oneDNN runs this pass ("fwd", "dx" or "dw") of a convolution with a kernel of
     ``kernel_shape`` (kh, kw, Cin, Cout) under impl "cpu": float32 with the CPU speed-ups
-    (:func:`anodev2_jax.backend.runs_onednn`), where it beat the hand-written formulations
-    (BENCHMARKS.md): every pass from :data:`MIN_COUT` channels out, but the kernel gradient
-    up to :data:`MAX_CIN_STEM` channels in; the forward and input gradient up to
-    :data:`MAX_CIN_STEM` channels in; the input gradient at stride > 1.
+    (:func:`anodev2_jax.backend.runs_onednn`), wherever a hand-written kernel did not beat it
+    on two CPU kinds (BENCHMARKS.md). That is every pass from :data:`MIN_COUT` channels out
+    but a stem's kernel gradient (for accuracy, above); below it, the forward and input
+    gradient but Winograd's (``winograd``: the C++ kernels would run the pass by Winograd's
+    F(4×4, 3×3)) and the forward at stride > 1; no other kernel gradient.
     """
     if pass_name not in ("fwd", "dx", "dw"):
         raise ValueError(f"pass_name={pass_name!r}; use 'fwd', 'dx' or 'dw'")
     _, _, cin, cout = kernel_shape
-    stem = cin <= MAX_CIN_STEM
-    wins = cout >= MIN_COUT and not (stem and pass_name == "dw")
-    wins |= pass_name in ("fwd", "dx") and stem
-    wins |= pass_name == "dx" and stride > 1
+    if pass_name == "dw":
+        wins = cout >= MIN_COUT and cin > MAX_CIN_STEM
+    else:
+        hand = winograd or (pass_name == "fwd" and stride > 1)
+        wins = cout >= MIN_COUT or not hand
     return wins and backend.runs_onednn("cpu", dtype)
 
 
@@ -233,11 +241,24 @@ def prefix() -> Path | None:
     return None
 
 
+def workspace(op: str, x_shape: tuple[int, ...], arg: int, epsilon: float = 0.0) -> Any:
+    """The uint8 workspace that oneDNN's forward of ``op`` ("batch_norm", ``arg``: the ReLU
+    fused in; "max_pool", ``arg``: the window size) returns for float32 x (N, H, W, C), as a
+    ShapeDtypeStruct: its size is oneDNN's to choose. Requires :func:`available`."""
+    ops = ("batch_norm", "max_pool")
+    size = _library.Anodev2OnednnWorkspaceBytes(ops.index(op), *x_shape, arg, epsilon)
+    if size < 0:
+        raise RuntimeError(f"oneDNN has no {op} for x of shape {x_shape}")
+    return jax.ShapeDtypeStruct((max(size, 1),), jnp.uint8)
+
+
 _available: bool | None = None  # None: not tried yet
+_library: Any = None
 
 
 def available() -> bool:
-    """Whether oneDNN's convolutions are built and registered (builds them on the first call)."""
+    """Whether oneDNN's calls (convolutions, BatchNorm, max pool) are built and registered
+    (builds them on the first call)."""
     global _available
     if _available is None:
         _available = _build_and_register()
@@ -259,7 +280,7 @@ def _build_and_register() -> bool:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         flags = [*native.FLAGS, f"-I{root / 'include'}", f"-L{root / 'lib'}", "-ldnnl"]
         flags.append(f"-Wl,-rpath,{root / 'lib'}")
-        library = ctypes.CDLL(str(native.build_library("anodev2_onednn", [SOURCE], flags)))
+        library = ctypes.CDLL(str(native.build_library("anodev2_onednn", [*SOURCES], flags)))
     except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(
@@ -271,4 +292,8 @@ def _build_and_register() -> bool:
         return False
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
+    library.Anodev2OnednnWorkspaceBytes.restype = ctypes.c_int64
+    library.Anodev2OnednnWorkspaceBytes.argtypes = [*[ctypes.c_int64] * 6, ctypes.c_float]
+    global _library
+    _library = library
     return True

@@ -187,13 +187,17 @@ def test_without_onednn_conv2d_warns_once_and_uses_the_other_formulations(monkey
 
 def test_takes_names_a_bad_pass_and_stays_off_other_backends(monkeypatch):
     with pytest.raises(ValueError, match="pass_name='bwd'"):
-        onednn.takes("bwd", jnp.float32, (5, 5, 64, 64), 1)
-    assert onednn.takes("dw", jnp.float32, (5, 5, 64, 64), 1)
-    assert not onednn.takes("dw", jnp.float64, (5, 5, 64, 64), 1)
-    assert not onednn.takes("dw", jnp.float32, (3, 3, 16, 16), 1)
-    assert not onednn.takes("dw", jnp.float32, (5, 5, 3, 64), 1)  # the stems' (BENCHMARKS.md)
-    assert onednn.takes("fwd", jnp.float32, (5, 5, 3, 64), 1)
-    assert onednn.takes("dx", jnp.float32, (3, 3, 16, 32), 2)
-    assert not onednn.takes("fwd", jnp.float32, (3, 3, 16, 32), 2)
+        onednn.takes("bwd", jnp.float32, (5, 5, 64, 64), 1, False)
+    assert onednn.takes("dw", jnp.float32, (5, 5, 64, 64), 1, False)
+    assert not onednn.takes("dw", jnp.float64, (5, 5, 64, 64), 1, False)
+    assert not onednn.takes("dw", jnp.float32, (3, 3, 16, 16), 1, False)
+    assert not onednn.takes("dw", jnp.float32, (5, 5, 3, 64), 1, False)  # the stems' (accuracy)
+    assert onednn.takes("fwd", jnp.float32, (5, 5, 3, 64), 1, False)
+    assert onednn.takes("fwd", jnp.float32, (3, 3, 16, 16), 1, False)
+    assert onednn.takes("dx", jnp.float32, (3, 3, 16, 16), 1, False)
+    assert onednn.takes("dx", jnp.float32, (3, 3, 16, 32), 2, False)
+    assert not onednn.takes("fwd", jnp.float32, (3, 3, 16, 32), 2, False)
+    assert not onednn.takes("fwd", jnp.float32, (3, 3, 32, 32), 1, True)  # Winograd's
+    assert not onednn.takes("dx", jnp.float32, (3, 3, 32, 32), 1, True)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not onednn.takes("dw", jnp.float32, (5, 5, 64, 64), 1)
+    assert not onednn.takes("dw", jnp.float32, (5, 5, 64, 64), 1, False)
