@@ -44,7 +44,10 @@ _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_winograd_kernel_grad_f64": "Anodev2WinogradKernelGradF64",
 }
 _SUFFIX = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.float64): "f64"}
+# -fno-trapping-math: the kernels were tuned with it (GCC compiles Winograd's differently
+# without it).
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+FLAGS += ["-fno-trapping-math"]
 
 
 def kernel_grad(

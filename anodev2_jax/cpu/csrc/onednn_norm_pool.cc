@@ -59,7 +59,8 @@ const NormPlan& CachedNormPlan(const NormKey& key) {
         Engine(), dnnl::prop_kind::forward_training, md, md, epsilon, flags, attr);
     const dnnl::batch_normalization_backward::primitive_desc backward(
         Engine(), dnnl::prop_kind::backward, md, md, md, epsilon, flags, forward, attr);
-    plan = std::make_unique<NormPlan>(NormPlan{forward, backward, dnnl::batch_normalization_forward(forward),
+    plan = std::make_unique<NormPlan>(NormPlan{forward, backward,
+                                               dnnl::batch_normalization_forward(forward),
                                                dnnl::batch_normalization_backward(backward)});
   }
   return *plan;
