@@ -1,17 +1,22 @@
-"""oneDNN's convolutions, as XLA FFI calls for the CPU (``csrc/onednn_conv.cc``): forward,
-input gradient and kernel gradient of an NHWC × HWIO convolution in float32 (oneDNN has no
-float64 convolution on the CPU).
+"""oneDNN on the CPU, as XLA FFI calls: forward, input gradient and kernel gradient of an NHWC
+× HWIO convolution (``csrc/onednn_conv.cc``), training-mode BatchNorm and the max pool
+(``csrc/onednn_norm_pool.cc``), all in float32 (oneDNN has no float64 convolution or
+BatchNorm on the CPU).
 
 oneDNN picks its kernels for the running CPU (AVX2, AVX-512, AMX) at run time. It comes from
 the ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels (the library and its headers,
 installed under ``sys.prefix``; Linux x86-64). The FFI library is compiled on first use
 against them, cached like :mod:`anodev2_jax.cpu.native`'s, and registered with XLA for the
 CPU; :func:`available` says whether that worked. Where it did not (no wheel, no compiler),
-:mod:`anodev2_jax.cpu.conv` uses its other formulations and says why once, as a warning.
+:mod:`anodev2_jax.cpu.conv` uses its other formulations, BatchNorm and the max pool their jnp
+ones, and the reason is given once, as a warning.
 
 :func:`takes` says which passes of which convolutions impl "cpu" gives to oneDNN;
 :func:`conv`, :func:`input_grad` and :func:`kernel_grad` are those passes, each
-differentiable (reverse mode, to any order) by XLA's formulation of its VJP.
+differentiable (reverse mode, to any order) by XLA's formulation of its VJP. BatchNorm's and
+the max pool's differentiable calls are :mod:`anodev2_jax.cpu.batch_norm` and
+:mod:`anodev2_jax.cpu.max_pool`; :func:`workspace` sizes what their forward keeps for the
+backward.
 """
 
 from __future__ import annotations
@@ -284,8 +289,8 @@ def _build_and_register() -> bool:
     except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(
-            f"anodev2_jax: oneDNN's convolutions are unavailable ({detail.strip()[:300]}); "
-            "conv_impl='cpu' uses its other formulations instead",
+            f"anodev2_jax: oneDNN is unavailable ({detail.strip()[:300]}); conv_impl='cpu' "
+            "uses its other convolutions, and jnp's BatchNorm and max pool, instead",
             RuntimeWarning,
             stacklevel=3,
         )
