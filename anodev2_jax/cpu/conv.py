@@ -7,11 +7,11 @@ order, in a form that XLA:CPU runs faster; :func:`conv_cpu` ties them together w
 choices below work around both (timings: BENCHMARKS.md §1, ``benchmarks/conv_microbench.py``).
 
 - In float32, the passes where no hand-written kernel beat oneDNN on two CPU kinds
-  (:func:`anodev2_jax.cpu.onednn.takes`: every pass from 64 channels out, as in AlexNet, but
-  a stem's kernel gradient; below that, the forward and input gradient but Winograd's and the
-  forward at stride 2) go to oneDNN (:mod:`anodev2_jax.cpu.onednn`), which picks its kernels
-  for the running CPU. The rest (the kernel gradients of the ResNets, Winograd's 3×3 at 32
-  channels, the strided forward), and everything in float64, as follows.
+  (:func:`anodev2_jax.cpu.onednn.takes`: every input gradient; every pass from 64 channels
+  out, as in AlexNet, but a stem's kernel gradient; below that, the forward but Winograd's
+  and the strided one) go to oneDNN (:mod:`anodev2_jax.cpu.onednn`), which picks its
+  kernels for the running CPU. The rest (the ResNets' kernel gradients, Winograd's 3×3
+  forward at 32 channels, the strided forward), and everything in float64, as follows.
 - Forward, and the input gradient below, with whole vectors of outputs (Cout a multiple of
   16 float32 or 8 float64), any kernel and stride but 1×1 at stride 1 (a matmul, XLA's): a
   C++ kernel (``csrc/conv_forward.cc``, :func:`anodev2_jax.cpu.native.conv_forward`) that

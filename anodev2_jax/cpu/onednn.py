@@ -63,19 +63,20 @@ def takes(
     """Whether oneDNN runs this pass ("fwd", "dx" or "dw") of a convolution with a kernel of
     ``kernel_shape`` (kh, kw, Cin, Cout) under impl "cpu": float32 with the CPU speed-ups
     (:func:`anodev2_jax.backend.runs_onednn`), wherever a hand-written kernel did not beat it
-    on two CPU kinds (BENCHMARKS.md). That is every pass from :data:`MIN_COUT` channels out
-    but a stem's kernel gradient (for accuracy, above); below it, the forward and input
-    gradient but Winograd's (``winograd``: the C++ kernels would run the pass by Winograd's
-    F(4×4, 3×3)) and the forward at stride > 1; no other kernel gradient.
+    on two CPU kinds (BENCHMARKS.md). That is every input gradient; every forward but, below
+    :data:`MIN_COUT` channels out, Winograd's (``winograd``: the C++ kernels would run it by
+    Winograd's F(4×4, 3×3)) and the strided one; the kernel gradients from :data:`MIN_COUT`
+    channels out but a stem's (for accuracy, above).
     """
     if pass_name not in ("fwd", "dx", "dw"):
         raise ValueError(f"pass_name={pass_name!r}; use 'fwd', 'dx' or 'dw'")
     _, _, cin, cout = kernel_shape
     if pass_name == "dw":
         wins = cout >= MIN_COUT and cin > MAX_CIN_STEM
+    elif pass_name == "fwd":
+        wins = cout >= MIN_COUT or not (winograd or stride > 1)
     else:
-        hand = winograd or (pass_name == "fwd" and stride > 1)
-        wins = cout >= MIN_COUT or not hand
+        wins = True
     return wins and backend.runs_onednn("cpu", dtype)
 
 
