@@ -126,7 +126,7 @@ if os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"):
     if sys.platform == "linux" and os.uname().machine == "x86_64":  # where its wheels exist
         from anodev2_jax.cpu import onednn
 
-        assert onednn.available(), "oneDNN's convolutions did not build in the bare install"
+        assert onednn.available(), "oneDNN's calls did not build in the bare install"
         alexnet = models.create_model("alexnet", "baseline", conv_impl="cpu")
         alex_vars = alexnet.init(jax.random.key(4), x, train=False)
         alex_xla = models.create_model("alexnet", "baseline", conv_impl="xla")
@@ -136,7 +136,7 @@ if os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"):
             rtol=1e-3,
             atol=1e-3,
         )
-        compiled += ", oneDNN's convolutions built"
+        compiled += ", oneDNN's calls built"
 else:
     compiled = "no C++ compiler: C++ kernels not built"
 
