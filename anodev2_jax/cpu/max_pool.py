@@ -8,9 +8,11 @@ there. Used by :func:`anodev2_jax.nn.pooling.max_pool` where an op given the con
 oneDNN (:func:`anodev2_jax.backend.runs_onednn`: float32).
 
 Where a window's maximum is tied, oneDNN's gradient goes to one of the tied elements and XLA's
-derivative of the reduce-max shares it among them: the two differ only there. In the models a
-ReLU comes before every pool, so tied windows are windows of zeros, where the ReLU's own
-derivative drops the gradient either way.
+derivative of the reduce-max shares it among them: the two differ only there. Every pool of
+the models reads non-negative activations (a ReLU's output, or AlexNet's ODE block, whose
+input and field are ReLU outputs), so its ties are in practice windows of zeros, and a
+gradient sent to a zero goes on only into ReLUs at rest, which drop it: the parameters'
+gradients are the same either way.
 """
 
 from __future__ import annotations
