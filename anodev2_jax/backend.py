@@ -7,9 +7,9 @@ never names a platform. With the CPU speed-ups (JAX's default backend is the CPU
 the speed-ups off) it means the plain JAX path:
 
 - convolution ``conv_impl`` (:func:`conv_impl`): "cpu", else "xla";
-- the C++ convolution kernels (:func:`runs_cpu_kernels`): for float32/64 under any conv
-  impl but "xla", else never, whatever the conv impl; and oneDNN's convolutions, BatchNorm
-  and max pool (:func:`runs_onednn`) likewise, for float32;
+- the C++ kernels of the convolution and BatchNorm (:func:`runs_cpu_kernels`): for
+  float32/64 under any conv impl but "xla", else never, whatever the conv impl; and oneDNN's
+  convolutions and max pool (:func:`runs_onednn`) likewise, for float32;
 - seed batching (:func:`seed_batching`): "loop", else "vmap";
 - input pipeline (:func:`input_pipeline`): "host", else "device";
 - the RDA's transform (:func:`rda_transform`): "matrix" up to 64 taps, else "fft";
@@ -80,9 +80,9 @@ def runs_cpu_kernels(impl: str, dtype: Any) -> bool:
 
 
 def runs_onednn(impl: str, dtype: Any) -> bool:
-    """Whether an op given the conv impl ``impl`` (a convolution, BatchNorm, the max pool) may
-    run by oneDNN: impl "cpu", "cpu_paired" or "auto", with the CPU speed-ups, float32 (oneDNN
-    has no float64 convolution or BatchNorm on the CPU), and oneDNN's calls built
+    """Whether an op given the conv impl ``impl`` (a convolution, the max pool) may run by
+    oneDNN: impl "cpu", "cpu_paired" or "auto", with the CPU speed-ups, float32 (oneDNN has no
+    float64 convolution on the CPU), and oneDNN's calls built
     (:func:`anodev2_jax.cpu.onednn.available`, which builds them on first use)."""
     if impl == "xla" or not cpu_speedups() or jnp.dtype(dtype) != jnp.float32:
         return False

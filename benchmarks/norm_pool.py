@@ -5,10 +5,10 @@
 Per shape, forward and forward + backward of training-mode BatchNorm with a ReLU
 (``anodev2_jax.nn.normalization.batch_norm``) and of the max pool
 (``anodev2_jax.nn.pooling.max_pool``), each jitted alone with impl "xla" and with impl "cpu"
-(oneDNN's primitives through our FFI calls, ``anodev2_jax.cpu.batch_norm`` and
-``anodev2_jax.cpu.max_pool``), beside the same primitives called directly on the same NHWC
+(the C++ BatchNorm, ``anodev2_jax.cpu.batch_norm``; oneDNN's max pool through our FFI call,
+``anodev2_jax.cpu.max_pool``), beside oneDNN's primitives called directly on the same NHWC
 float32 shape (``benchmarks/onednn_norm_pool.cc``, compiled here against the oneDNN wheel
-and run as a child process, over preallocated buffers: what the FFI calls cost on top).
+and run as a child process, over preallocated buffers).
 This process runs with train.py's malloc settings (``--cpu_malloc``). Median ms of
 ``--reps`` calls; the three alternate for ``--rounds`` rounds and each keeps its best
 median. Needs a quiet machine.

@@ -1,12 +1,11 @@
-"""Training-mode BatchNorm (and a following ReLU) by oneDNN, for the CPU.
+"""Training-mode BatchNorm (and a following ReLU) by the C++ kernels, for the CPU.
 
 :func:`batch_norm_relu` computes what :func:`anodev2_jax.nn.normalization.batch_norm_train`
-and ``jax.nn.relu`` compute, forward and backward by oneDNN's primitives
-(``csrc/onednn_norm_pool.cc``, the ReLU fused in), which beat both XLA and our former C++
-kernels on every shape of the models (BENCHMARKS.md). Its derivatives of any order (reverse
-mode) are those of the jnp formula. Used by :func:`anodev2_jax.nn.normalization.batch_norm`
-where an op given the conv impl may run oneDNN (:func:`anodev2_jax.backend.runs_onednn`:
-float32).
+and ``jax.nn.relu`` compute, in two passes over x forward (``csrc/batch_norm.cc``: the
+moments, then the normalization with the ReLU fused in) and two backward, where XLA makes
+more. Its derivatives of any order (reverse mode) are those of the jnp formula. Used by
+:func:`anodev2_jax.nn.normalization.batch_norm` where an op given the conv impl runs the C++
+kernels (:func:`anodev2_jax.backend.runs_cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from anodev2_jax.cpu import onednn
+from anodev2_jax.cpu import native
 from anodev2_jax.nn import normalization
 
 Array = jax.Array
@@ -32,91 +30,81 @@ def _reference(
     return (jax.nn.relu(y) if relu else y), moments
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_relu(
     x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
 ) -> tuple[Array, dict[str, Array]]:
-    """Training-mode BatchNorm of float32 x (N, H, W, C), then a ReLU if ``relu``, and the
-    batch's moments, forward and VJP by oneDNN: what
+    """Training-mode BatchNorm of x (N, H, W, C), then a ReLU if ``relu``, and the batch's
+    moments, by the C++ kernel (``csrc/batch_norm.cc``), its VJP by the C++ kernel: what
     ``anodev2_jax.nn.normalization.batch_norm_train`` (and ``jax.nn.relu``) compute, equal
     to rounding. scale, bias: (C,) -> (y of x's shape, {"mean", "var"}: (C,)). Reverse mode
-    only, to any order; requires :func:`anodev2_jax.cpu.onednn.available`."""
-    y, moments, _ = _batch_norm_relu(x, scale, bias, epsilon, relu)
-    return y, moments
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm_relu(
-    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
-) -> tuple[Array, dict[str, Array], Array]:
-    """:func:`batch_norm_relu` and oneDNN's workspace, which its backward reads."""
-    c = jax.ShapeDtypeStruct(scale.shape, x.dtype)
-    ws = onednn.workspace("batch_norm", x.shape, int(relu), epsilon)
-    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), c, c, ws)
-    call = jax.ffi.ffi_call("anodev2_onednn_batch_norm", out, vmap_method="sequential")
-    y, mean, var, ws = call(x, scale, bias, epsilon=np.float32(epsilon), relu=np.int64(relu))
-    return y, {"mean": mean, "var": var}, ws
+    only, to any order; requires :func:`anodev2_jax.cpu.native.available`."""
+    y, mean, var = native.batch_norm(x, scale, bias, epsilon, relu)
+    return y, {"mean": mean, "var": var}
 
 
 def _batch_norm_relu_fwd(
     x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
-) -> tuple[tuple[Array, dict[str, Array], Array], tuple[Any, ...]]:
-    y, moments, ws = _batch_norm_relu(x, scale, bias, epsilon, relu)
-    return (y, moments, ws), (x, scale, bias, moments, ws)
+) -> tuple[tuple[Array, dict[str, Array]], tuple[Any, ...]]:
+    y, moments = batch_norm_relu(x, scale, bias, epsilon, relu)
+    return (y, moments), (x, scale, bias, moments)
 
 
 def _batch_norm_relu_bwd(
     epsilon: float,
     relu: bool,
     residuals: tuple[Any, ...],
-    cotangents: tuple[Array, dict[str, Array], Any],
+    cotangents: tuple[Array, dict[str, Array]],
 ) -> tuple[Array, Array, Array]:
-    x, scale, bias, moments, ws = residuals
-    g, dmoments, _ = cotangents
-    return _batch_norm_relu_grad(x, scale, bias, moments, ws, g, dmoments, epsilon, relu)
+    x, scale, bias, moments = residuals
+    g, dmoments = cotangents
+    return _batch_norm_relu_grad(x, scale, bias, moments, g, dmoments, epsilon, relu)
 
 
-_batch_norm_relu.defvjp(_batch_norm_relu_fwd, _batch_norm_relu_bwd)
+batch_norm_relu.defvjp(_batch_norm_relu_fwd, _batch_norm_relu_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _batch_norm_relu_grad(
     x: Array,
     scale: Array,
     bias: Array,
     moments: dict[str, Array],
-    ws: Array,
     g: Array,
     dmoments: dict[str, Array],
     epsilon: float,
     relu: bool,
 ) -> tuple[Array, Array, Array]:
-    """(dx, dscale, dbias) by oneDNN, given ``moments``, the batch's own, and ``ws``, the
-    forward's workspace. Differentiable as the VJP of :func:`_reference`, through which x
-    determines the moments (their own cotangent is zero)."""
-    c = jax.ShapeDtypeStruct(scale.shape, x.dtype)
-    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), c, c)
-    call = jax.ffi.ffi_call("anodev2_onednn_batch_norm_grad", out, vmap_method="sequential")
-    args = (x, g, scale, moments["mean"], moments["var"], ws, dmoments["mean"], dmoments["var"])
-    dx, dscale, dbias = call(*args, epsilon=np.float32(epsilon), relu=np.int64(relu))
-    return dx, dscale, dbias
+    """(dx, dscale, dbias) by the C++ kernel, given ``moments``, the batch's own (it takes
+    them instead of recomputing them). Differentiable as the VJP of :func:`_reference`,
+    through which x determines the moments (their own cotangent is zero)."""
+    return native.batch_norm_grad(
+        x,
+        g,
+        scale,
+        bias,
+        (moments["mean"], moments["var"]),
+        (dmoments["mean"], dmoments["var"]),
+        epsilon,
+        relu,
+    )
 
 
 def _batch_norm_relu_grad_fwd(*args: Any) -> tuple[tuple[Array, Array, Array], tuple[Any, ...]]:
-    return _batch_norm_relu_grad(*args), args[:7]  # residuals: the array inputs
+    return _batch_norm_relu_grad(*args), args[:6]  # residuals: the differentiable inputs
 
 
 def _batch_norm_relu_grad_bwd(
     epsilon: float, relu: bool, residuals: tuple[Any, ...], cotangent: tuple[Array, ...]
 ) -> tuple[Any, ...]:
-    x, scale, bias, moments, ws, g, dmoments = residuals
+    x, scale, bias, moments, g, dmoments = residuals
 
     def vjp(x: Array, scale: Array, bias: Array, g: Array, dmoments: dict[str, Array]) -> Any:
         forward = functools.partial(_reference, epsilon=epsilon, relu=relu)
         return jax.vjp(forward, x, scale, bias)[1]((g, dmoments))
 
     dx, dscale, dbias, dg, ddmoments = jax.vjp(vjp, x, scale, bias, g, dmoments)[1](cotangent)
-    dws = np.zeros(ws.shape, jax.dtypes.float0)
-    return dx, dscale, dbias, jax.tree.map(jnp.zeros_like, moments), dws, dg, ddmoments
+    return dx, dscale, dbias, jax.tree.map(jnp.zeros_like, moments), dg, ddmoments
 
 
 _batch_norm_relu_grad.defvjp(_batch_norm_relu_grad_fwd, _batch_norm_relu_grad_bwd)

@@ -1,7 +1,7 @@
 """The max pool by oneDNN, for the CPU.
 
 :func:`max_pool` computes :func:`anodev2_jax.nn.pooling.window_max`, forward and backward by
-oneDNN's primitives (``csrc/onednn_norm_pool.cc``), which beat XLA's reduce-window and our
+oneDNN's primitives (``csrc/onednn_max_pool.cc``), which beat XLA's reduce-window and our
 former C++ gradient on every shape of the models (BENCHMARKS.md). The forward keeps each
 window's argmax (oneDNN's workspace) for the backward, which sends the window's gradient
 there. Used by :func:`anodev2_jax.nn.pooling.max_pool` where an op given the conv impl may run
@@ -41,7 +41,7 @@ def _max_pool(x: Array, size: int) -> tuple[Array, Array]:
     """:func:`max_pool` and oneDNN's workspace (each window's argmax) for its backward."""
     n, h, w, c = x.shape
     y_shape = jax.ShapeDtypeStruct((n, h // size, w // size, c), x.dtype)
-    out = (y_shape, onednn.workspace("max_pool", x.shape, size))
+    out = (y_shape, onednn.pool_workspace(x.shape, size))
     call = jax.ffi.ffi_call("anodev2_onednn_max_pool", out, vmap_method="sequential")
     y, ws = call(x, size=np.int64(size))
     return y, ws

@@ -1,6 +1,7 @@
 """C++ kernels for the CPU, as XLA FFI calls: the convolution (``csrc/conv_forward.cc``),
 the 3×3 stride-1 one by Winograd's F(4×4, 3×3) (``csrc/winograd.cc``) and the kernel
-gradient (``csrc/kernel_grad.cc``).
+gradient (``csrc/kernel_grad.cc``); training-mode BatchNorm with an optional ReLU, and its
+gradient (``csrc/batch_norm.cc``).
 
 Compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) against the
 FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACHE`` (default
@@ -8,8 +9,8 @@ FFI headers that ship with jaxlib into one library, cached under ``$ANODEV2_CACH
 model (``-march=native``), and registered with XLA for the CPU platform. :func:`available`
 says whether that worked; when it did not (no compiler, not Linux/macOS), the ops that would
 call them (:func:`anodev2_jax.backend.runs_cpu_kernels`) use XLA's own formulations and say
-why once, as a warning. The differentiable convolution built on these calls is in
-:mod:`anodev2_jax.cpu.conv`.
+why once, as a warning. The differentiable ops built on these calls are in
+:mod:`anodev2_jax.cpu.conv` and :mod:`anodev2_jax.cpu.batch_norm`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jaxlib
 import numpy as np
 
 CSRC = Path(__file__).with_name("csrc")
-_KERNELS = ("kernel_grad", "conv_forward", "winograd")
+_KERNELS = ("kernel_grad", "conv_forward", "winograd", "batch_norm")
 SOURCES = tuple(CSRC / f"{name}.cc" for name in _KERNELS)
 HEADERS = (CSRC / "chunks.h",)
 _SYMBOLS = {  # FFI target -> handler symbol
@@ -42,10 +43,13 @@ _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_winograd_f64": "Anodev2WinogradF64",
     "anodev2_winograd_kernel_grad_f32": "Anodev2WinogradKernelGradF32",
     "anodev2_winograd_kernel_grad_f64": "Anodev2WinogradKernelGradF64",
+    "anodev2_batch_norm_f32": "Anodev2BatchNormF32",
+    "anodev2_batch_norm_f64": "Anodev2BatchNormF64",
+    "anodev2_batch_norm_grad_f32": "Anodev2BatchNormGradF32",
+    "anodev2_batch_norm_grad_f64": "Anodev2BatchNormGradF64",
 }
 _SUFFIX = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.float64): "f64"}
-# -fno-trapping-math: the kernels were tuned with it (GCC compiles Winograd's differently
-# without it).
+# -fno-trapping-math: comparisons and selects in loops vectorize (BatchNorm's ReLU mask).
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 FLAGS += ["-fno-trapping-math"]
 
@@ -132,6 +136,44 @@ def winograd_kernel_grad(
     return call(x, g, pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]), stride=np.int64(1))
 
 
+def batch_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm of x (..., C) over all but its last axis: (y, mean, var), y
+    of x's shape (ReLU applied if ``relu``), the biased moments (C,). ``scale``, ``bias``:
+    (C,). Requires :func:`available`, float32 or float64; CPU only. No autodiff of its own.
+    """
+    c = jax.ShapeDtypeStruct(scale.shape, x.dtype)
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), c, c)
+    target = f"anodev2_batch_norm_{_SUFFIX[jnp.dtype(x.dtype)]}"
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    y, mean, var = call(x, scale, bias, epsilon=np.float64(epsilon), relu=np.int64(relu))
+    return y, mean, var
+
+
+def batch_norm_grad(
+    x: jax.Array,
+    g: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    moments: tuple[jax.Array, jax.Array],
+    dmoments: tuple[jax.Array, jax.Array],
+    epsilon: float,
+    relu: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dx, dscale, dbias) of :func:`batch_norm` at x, from g = dL/dy and the cotangents
+    (dmean, dvar) of its moments; ``moments``: the (mean, var) it returned. Requires
+    :func:`available`; CPU only. No autodiff of its own.
+    """
+    c = jax.ShapeDtypeStruct(scale.shape, x.dtype)
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), c, c)
+    target = f"anodev2_batch_norm_grad_{_SUFFIX[jnp.dtype(x.dtype)]}"
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    attrs = {"epsilon": np.float64(epsilon), "relu": np.int64(relu)}
+    dx, dscale, dbias = call(x, g, scale, bias, *moments, *dmoments, **attrs)
+    return dx, dscale, dbias
+
+
 _available: bool | None = None  # None: not tried yet
 
 
@@ -150,7 +192,7 @@ def _build_and_register() -> bool:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(
             f"anodev2_jax: the C++ kernels could not be built ({detail.strip()[:500]}); "
-            "conv_impl='cpu' uses XLA's convolutions instead",
+            "conv_impl='cpu' (convolution, BatchNorm) uses XLA's formulations instead",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -1,22 +1,20 @@
 """oneDNN on the CPU, as XLA FFI calls: forward, input gradient and kernel gradient of an NHWC
-× HWIO convolution (``csrc/onednn_conv.cc``), training-mode BatchNorm and the max pool
-(``csrc/onednn_norm_pool.cc``), all in float32 (oneDNN has no float64 convolution or
-BatchNorm on the CPU).
+× HWIO convolution (``csrc/onednn_conv.cc``) and the max pool (``csrc/onednn_max_pool.cc``),
+in float32 (oneDNN has no float64 convolution on the CPU).
 
 oneDNN picks its kernels for the running CPU (AVX2, AVX-512, AMX) at run time. It comes from
 the ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels (the library and its headers,
 installed under ``sys.prefix``; Linux x86-64). The FFI library is compiled on first use
 against them, cached like :mod:`anodev2_jax.cpu.native`'s, and registered with XLA for the
 CPU; :func:`available` says whether that worked. Where it did not (no wheel, no compiler),
-:mod:`anodev2_jax.cpu.conv` uses its other formulations, BatchNorm and the max pool their jnp
-ones, and the reason is given once, as a warning.
+:mod:`anodev2_jax.cpu.conv` uses its other formulations, the max pool XLA's, and the reason is
+given once, as a warning.
 
 :func:`takes` says which passes of which convolutions impl "cpu" gives to oneDNN;
 :func:`conv`, :func:`input_grad` and :func:`kernel_grad` are those passes, each
-differentiable (reverse mode, to any order) by XLA's formulation of its VJP. BatchNorm's and
-the max pool's differentiable calls are :mod:`anodev2_jax.cpu.batch_norm` and
-:mod:`anodev2_jax.cpu.max_pool`; :func:`workspace` sizes what their forward keeps for the
-backward.
+differentiable (reverse mode, to any order) by XLA's formulation of its VJP. The max pool's
+differentiable call is :mod:`anodev2_jax.cpu.max_pool`; :func:`pool_workspace` sizes what its
+forward keeps for the backward.
 """
 
 from __future__ import annotations
@@ -38,13 +36,11 @@ from anodev2_jax import backend
 from anodev2_jax.cpu import native
 from anodev2_jax.nn.conv import Pads, conv_xla
 
-SOURCES = (native.CSRC / "onednn_conv.cc", native.CSRC / "onednn_norm_pool.cc")
+SOURCES = (native.CSRC / "onednn_conv.cc", native.CSRC / "onednn_max_pool.cc")
 _SYMBOLS = {  # FFI target -> handler symbol
     "anodev2_onednn_conv_forward": "Anodev2OnednnConvForward",
     "anodev2_onednn_conv_input_grad": "Anodev2OnednnConvInputGrad",
     "anodev2_onednn_conv_kernel_grad": "Anodev2OnednnConvKernelGrad",
-    "anodev2_onednn_batch_norm": "Anodev2OnednnBatchNorm",
-    "anodev2_onednn_batch_norm_grad": "Anodev2OnednnBatchNormGrad",
     "anodev2_onednn_max_pool": "Anodev2OnednnMaxPool",
     "anodev2_onednn_max_pool_grad": "Anodev2OnednnMaxPoolGrad",
 }
@@ -247,15 +243,14 @@ def prefix() -> Path | None:
     return None
 
 
-def workspace(op: str, x_shape: tuple[int, ...], arg: int, epsilon: float = 0.0) -> Any:
-    """The uint8 workspace that oneDNN's forward of ``op`` ("batch_norm", ``arg``: the ReLU
-    fused in; "max_pool", ``arg``: the window size) returns for float32 x (N, H, W, C), as a
-    ShapeDtypeStruct: its size is oneDNN's to choose. Requires :func:`available`."""
-    ops = ("batch_norm", "max_pool")
-    size = _library.Anodev2OnednnWorkspaceBytes(ops.index(op), *x_shape, arg, epsilon)
-    if size < 0:
-        raise RuntimeError(f"oneDNN has no {op} for x of shape {x_shape}")
-    return jax.ShapeDtypeStruct((max(size, 1),), jnp.uint8)
+def pool_workspace(x_shape: tuple[int, ...], size: int) -> Any:
+    """The uint8 workspace (each window's argmax) that oneDNN's max pool of float32 x (N, H, W,
+    C) over size × size windows returns for its backward, as a ShapeDtypeStruct: its size is
+    oneDNN's to choose. Requires :func:`available`."""
+    nbytes = _library.Anodev2OnednnMaxPoolWorkspaceBytes(*x_shape, size)
+    if nbytes < 0:
+        raise RuntimeError(f"oneDNN has no max pool of size {size} for x of shape {x_shape}")
+    return jax.ShapeDtypeStruct((max(nbytes, 1),), jnp.uint8)
 
 
 _available: bool | None = None  # None: not tried yet
@@ -263,8 +258,8 @@ _library: Any = None
 
 
 def available() -> bool:
-    """Whether oneDNN's calls (convolutions, BatchNorm, max pool) are built and registered
-    (builds them on the first call)."""
+    """Whether oneDNN's calls (convolutions, max pool) are built and registered (builds them on
+    the first call)."""
     global _available
     if _available is None:
         _available = _build_and_register()
@@ -291,15 +286,15 @@ def _build_and_register() -> bool:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(
             f"anodev2_jax: oneDNN is unavailable ({detail.strip()[:300]}); conv_impl='cpu' "
-            "uses its other convolutions, and jnp's BatchNorm and max pool, instead",
+            "uses its other convolutions, and XLA's max pool, instead",
             RuntimeWarning,
             stacklevel=3,
         )
         return False
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
-    library.Anodev2OnednnWorkspaceBytes.restype = ctypes.c_int64
-    library.Anodev2OnednnWorkspaceBytes.argtypes = [*[ctypes.c_int64] * 6, ctypes.c_float]
+    library.Anodev2OnednnMaxPoolWorkspaceBytes.restype = ctypes.c_int64
+    library.Anodev2OnednnMaxPoolWorkspaceBytes.argtypes = [ctypes.c_int64] * 5
     global _library
     _library = library
     return True

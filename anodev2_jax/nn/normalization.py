@@ -9,8 +9,8 @@ row k (docs/math.md §7). Scale and offset are shared by default ((C,), the para
 residual block) or, optionally, per evaluation too ((E, C)).
 
 Training mode differentiates in closed form (:func:`batch_norm_train`), on every backend.
-Where an op given the conv impl may run oneDNN (:func:`anodev2_jax.backend.runs_onednn`:
-float32 on the CPU), training mode and its gradient are those of
+Where an op given the conv impl runs the C++ kernels
+(:func:`anodev2_jax.backend.runs_cpu_kernels`), training mode and its gradient are those of
 :mod:`anodev2_jax.cpu.batch_norm` instead, a following ReLU fused in.
 """
 
@@ -66,12 +66,13 @@ def batch_norm(
     Training normalizes with the batch's own moments (and differentiates through them).
     ``offset``: (C,), e.g. the bias of the conv before; it only shifts the mean, so it is
     added to the mean, not to x (one pass over x fewer). ``impl``: a conv impl
-    (``conv.IMPLS``); where it may run oneDNN (:func:`anodev2_jax.backend.runs_onednn`) and
-    x, scale and bias share a dtype, training mode is oneDNN's (equal to the formula up to
-    rounding, reverse mode to any order).
+    (``conv.IMPLS``); where it runs the C++ kernels
+    (:func:`anodev2_jax.backend.runs_cpu_kernels`) and x, scale and bias share a dtype,
+    training mode is the C++ kernel's (equal to the formula up to rounding, reverse mode to
+    any order).
     """
     same_dtype = norm["scale"].dtype == norm["bias"].dtype == x.dtype
-    if train and same_dtype and backend.runs_onednn(impl, x.dtype):
+    if train and same_dtype and backend.runs_cpu_kernels(impl, x.dtype):
         from anodev2_jax.cpu import batch_norm as cpu_batch_norm  # only where it runs
 
         y, moments = cpu_batch_norm.batch_norm_relu(x, norm["scale"], norm["bias"], epsilon, relu)
