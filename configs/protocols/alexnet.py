@@ -1,6 +1,6 @@
 """The paper's AlexNet protocol on the lossless CIFAR-10 (Table 1's largest gain).
 
-    python -m anodev2_jax.training.data fetch-lossless   # once: the lossless copy, sha256-checked
+    python -m anodev2_jax.training fetch-lossless   # once: the lossless copy, sha256-checked
     python reproduce.py --protocol=alexnet --workdir=reproduction/alexnet
 
 configs/alexnet.py unchanged (120 epochs, batch 256, SGD 0.1, momentum 0.9, weight decay 5e-4,

