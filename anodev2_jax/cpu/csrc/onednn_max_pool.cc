@@ -62,30 +62,37 @@ const PoolPlan& CachedPoolPlan(const PoolKey& key) {
   return *plan;
 }
 
-PoolKey MakePoolKey(ffi::Span<const int64_t> d, int64_t size) {
-  return {d[0], d[1], d[2], d[3], size};
-}
-
-// x (N, H, W, C) -> y (N, H/size, W/size, C), workspace
-ffi::Error PoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
-                       ffi::ResultBuffer<ffi::U8> workspace, int64_t size) {
-  const auto d = x.dimensions();
+// The forward (big = x → small = y, writing the workspace) or the backward (small = dL/dy →
+// big = dL/dx, reading it) of the pool of big's shape d.
+ffi::Error Run(bool backward, float* big, float* small, uint8_t* workspace,
+               ffi::Span<const int64_t> d, int64_t size) {
   if (d.size() != 4 || size < 1 || d[1] % size || d[2] % size) {
     return ffi::Error::InvalidArgument("max pool: x not 4-D or size does not divide it");
   }
   try {
-    const PoolPlan& plan = CachedPoolPlan(MakePoolKey(d, size));
-    const auto& pd = plan.forward;
+    const PoolPlan& plan = CachedPoolPlan({d[0], d[1], d[2], d[3], size});
+    const auto& fwd = plan.forward;
+    const auto& bwd = plan.backward;
     auto& engine = Engine();
     thread_local dnnl::stream stream(Engine());
     thread_local std::vector<char> scratchpad;
-    scratchpad.resize(pd.scratchpad_desc().get_size());
-    plan.run_forward.execute(
-        stream,
-        {{DNNL_ARG_SRC, memory(pd.src_desc(), engine, x.typed_data())},
-         {DNNL_ARG_DST, memory(pd.dst_desc(), engine, y->typed_data())},
-         {DNNL_ARG_WORKSPACE, memory(pd.workspace_desc(), engine, workspace->typed_data())},
-         {DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), engine, scratchpad.data())}});
+    const memory::desc pad_md = backward ? bwd.scratchpad_desc() : fwd.scratchpad_desc();
+    scratchpad.resize(pad_md.get_size());
+    memory big_mem(backward ? bwd.diff_src_desc() : fwd.src_desc(), engine, big);
+    memory small_mem(backward ? bwd.diff_dst_desc() : fwd.dst_desc(), engine, small);
+    memory ws_mem(backward ? bwd.workspace_desc() : fwd.workspace_desc(), engine, workspace);
+    memory pad_mem(pad_md, engine, scratchpad.data());
+    if (backward) {
+      plan.run_backward.execute(stream, {{DNNL_ARG_DIFF_SRC, big_mem},
+                                         {DNNL_ARG_DIFF_DST, small_mem},
+                                         {DNNL_ARG_WORKSPACE, ws_mem},
+                                         {DNNL_ARG_SCRATCHPAD, pad_mem}});
+    } else {
+      plan.run_forward.execute(stream, {{DNNL_ARG_SRC, big_mem},
+                                        {DNNL_ARG_DST, small_mem},
+                                        {DNNL_ARG_WORKSPACE, ws_mem},
+                                        {DNNL_ARG_SCRATCHPAD, pad_mem}});
+    }
     stream.wait();
   } catch (const dnnl::error& error) {
     return ffi::Error::Internal(std::string("anodev2 onednn max pool: ") + error.what());
@@ -93,31 +100,18 @@ ffi::Error PoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
   return ffi::Error::Success();
 }
 
+// x (N, H, W, C) -> y (N, H/size, W/size, C), workspace
+ffi::Error PoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::U8> workspace, int64_t size) {
+  return Run(false, x.typed_data(), y->typed_data(), workspace->typed_data(), x.dimensions(),
+             size);
+}
+
 // dL/dx from g = dL/dy and the forward's workspace: each window's g goes to its argmax
 ffi::Error PoolBackward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> workspace,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t size) {
-  const auto d = dx->dimensions();
-  if (d.size() != 4 || size < 1 || d[1] % size || d[2] % size) {
-    return ffi::Error::InvalidArgument("max pool grad: dx not 4-D or size does not divide it");
-  }
-  try {
-    const PoolPlan& plan = CachedPoolPlan(MakePoolKey(d, size));
-    const auto& pd = plan.backward;
-    auto& engine = Engine();
-    thread_local dnnl::stream stream(Engine());
-    thread_local std::vector<char> scratchpad;
-    scratchpad.resize(pd.scratchpad_desc().get_size());
-    plan.run_backward.execute(
-        stream,
-        {{DNNL_ARG_DIFF_DST, memory(pd.diff_dst_desc(), engine, g.typed_data())},
-         {DNNL_ARG_DIFF_SRC, memory(pd.diff_src_desc(), engine, dx->typed_data())},
-         {DNNL_ARG_WORKSPACE, memory(pd.workspace_desc(), engine, workspace.typed_data())},
-         {DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), engine, scratchpad.data())}});
-    stream.wait();
-  } catch (const dnnl::error& error) {
-    return ffi::Error::Internal(std::string("anodev2 onednn max pool grad: ") + error.what());
-  }
-  return ffi::Error::Success();
+  return Run(true, dx->typed_data(), g.typed_data(), workspace.typed_data(), dx->dimensions(),
+             size);
 }
 
 }  // namespace
