@@ -86,6 +86,23 @@ def read_metrics(path: Path) -> list[dict]:
     return list(records.values())
 
 
+def training_seconds(records: list[dict], images_per_step: int) -> float:
+    """The training time the train records log: per logged window, its steps times
+    ``images_per_step`` (batch size × seeds) over its ``images_per_sec``, summed over the
+    windows of one seed. Evaluation and checkpointing are left out; a resumed run's stretches
+    add up, which a wall clock started at its last resumption does not."""
+    train = [r for r in records if r["kind"] == "train"]
+    if not train:
+        return 0.0
+    seed = train[0].get("seed")  # every seed's record holds the same rate
+    windows = sorted((r["step"], r["images_per_sec"]) for r in train if r.get("seed") == seed)
+    starts = [0] + [step for step, _ in windows[:-1]]
+    return sum(
+        (step - start) * images_per_step / rate
+        for start, (step, rate) in zip(starts, windows, strict=True)
+    )
+
+
 def best_accuracies(records: list[dict], seeds: list[int]) -> np.ndarray:
     """The best test accuracy per seed in earlier metrics records (0 where none)."""
     best = np.zeros(len(seeds))

@@ -98,6 +98,15 @@ def test_the_report_is_recomputed_from_the_cells_results(harness):
     row = _row(markdown, "ResNet-4", "anodev2_conf1", "1", "2", "2")
     difference = f"{means['anodev2_conf1'] - means['baseline']:+.2f}".replace("-", "−")
     assert f"| {difference} | +1.16 |" in row  # ours and the paper's, minus the baselines
+    worst = min(r["test_accuracy"] for r in report["cells"][1]["per_seed"])
+    best = max(r["test_accuracy"] for r in report["cells"][0]["per_seed"])
+    signed = [f"{value:+.2f}".replace("-", "−") for value in (worst - best, 77.27 - 77.35)]
+    _row(markdown, "ResNet-4", "anodev2_conf1", *signed)  # worst seed minus best baseline seed
+    for cell in report["cells"]:  # the logged training time: not zero, within the wall clock
+        assert 0 < cell["training_time_sec"] <= cell["wall_time_sec"]
+        assert _row(markdown, "ResNet-4", cell["variant"], "0").endswith(
+            f"| {reproduce.duration(cell['training_time_sec'])} |"
+        )
     assert "lr ÷10 at epochs 0.857143, 1.71429 of 2" in markdown
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import tree_allclose, tree_relative_error
 
 from anodev2_jax import training
-from anodev2_jax.training import data, parallel, seeds
+from anodev2_jax.training import data, metrics, parallel, seeds
 from configs import resnet4
 
 
@@ -120,6 +120,18 @@ def test_read_metrics_keeps_the_later_of_repeated_records(tmp_path):
     path.write_text("\n".join(map(json.dumps, lines)) + '\n{"kind": "tr')
     assert training.read_metrics(path) == [lines[0], lines[1], lines[3], lines[4]]
     assert training.read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_training_time_sums_the_logged_windows_across_a_resumption():
+    """Windows of 20, 20, 5 (stopped at 45) and 15 steps (resumed), 10 images per step."""
+    records = [
+        {"kind": "train", "step": step, "seed": seed, "images_per_sec": rate}
+        for step, rate in ((20, 100.0), (40, 50.0), (45, 25.0), (60, 100.0))
+        for seed in (0, 1)
+    ] + [{"kind": "test", "step": 40, "seed": 0, "accuracy": 0.5}]
+    expected = 20 * 10 / 100 + 20 * 10 / 50 + 5 * 10 / 25 + 15 * 10 / 100
+    assert metrics.training_seconds(records[::-1], 10) == pytest.approx(expected)
+    assert metrics.training_seconds([], 10) == 0.0
 
 
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
