@@ -211,33 +211,9 @@ def results_markdown(report: dict) -> str:
             or ["–"]
         )
         + ".",
-        "",
-        "## Per seed",
-        "",
-        "| model | variant | seed | eval mode | batch statistics | best epoch's, eval mode | "
-        "cell training time |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += _per_seed_rows(finished)
-    lines += [
-        "",
-        "Training time: the cell's logged train windows summed (steps × batch size × seeds "
-        "over the logged images per second), every stretch of a resumed cell, evaluation and "
-        "checkpointing left out; its seeds train together.",
-    ]
-    worst_against_best = _worst_against_best_rows(finished, baseline)
-    if worst_against_best:
-        lines += [
-            "",
-            "## Worst seed against the baseline's best",
-            "",
-            "The lowest seed of a cell minus the highest seed of the same model's baseline: "
-            "above zero, every seed beat every baseline seed.",
-            "",
-            "| model | variant | ours | paper |",
-            "| --- | --- | ---: | ---: |",
-            *worst_against_best,
-        ]
+    lines += _per_seed_section(finished)
+    lines += _worst_against_best_section(finished, baseline)
     lines += [
         "",
         "## Parameter counts beside the paper (Table 3)",
@@ -283,9 +259,17 @@ def _accuracy_rows(cells: list[dict], baseline: Mapping[str, dict]) -> list[str]
     return lines
 
 
-def _per_seed_rows(finished: list[dict]) -> list[str]:
-    """One row per seed of every finished cell."""
-    lines = []
+def _per_seed_section(finished: list[dict]) -> list[str]:
+    """The per-seed table: one row per seed of every finished cell, then what its training
+    time counts."""
+    lines = [
+        "",
+        "## Per seed",
+        "",
+        "| model | variant | seed | eval mode | batch statistics | best epoch's, eval mode | "
+        "cell training time |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c in finished:
         for r in c["per_seed"]:
             bs = r["test_accuracy_batch_statistics"]
@@ -294,12 +278,19 @@ def _per_seed_rows(finished: list[dict]) -> list[str]:
                 f"{r['test_accuracy']:.2f} | {'–' if bs is None else f'{bs:.2f}'} | "
                 f"{r['best_test_accuracy']:.2f} | {duration(c['training_time_sec'])} |"
             )
+    lines += [
+        "",
+        "Training time: the cell's logged train windows summed (steps × batch size × seeds "
+        "over the logged images per second), every stretch of a resumed cell, evaluation and "
+        "checkpointing left out; its seeds train together.",
+    ]
     return lines
 
 
-def _worst_against_best_rows(finished: list[dict], baseline: Mapping[str, dict]) -> list[str]:
-    """One row per finished non-baseline cell whose model's baseline finished."""
-    lines = []
+def _worst_against_best_section(finished: list[dict], baseline: Mapping[str, dict]) -> list[str]:
+    """Each finished cell's worst seed minus its model's best baseline seed, beside the
+    paper's; nothing where no finished cell has a finished baseline."""
+    rows = []
     for c in finished:
         base = baseline.get(c["model"])
         if c["variant"] == "baseline" or base is None:
@@ -307,11 +298,23 @@ def _worst_against_best_rows(finished: list[dict], baseline: Mapping[str, dict])
         reported = c["paper_test_accuracy"]["min"]
         paper_best = paper.ACCURACY[(c["model"], "baseline")][1]
         ours = c["test_accuracy"]["min"] - base["test_accuracy"]["max"]
-        lines.append(
+        rows.append(
             f"| {paper.MODEL_NAMES[c['model']]} | {c['variant']} | {_signed(ours)} | "
             f"{_signed(reported - paper_best)} |"
         )
-    return lines
+    if not rows:
+        return []
+    return [
+        "",
+        "## Worst seed against the baseline's best",
+        "",
+        "The lowest seed of a cell minus the highest seed of the same model's baseline: above "
+        "zero, every seed beat every baseline seed.",
+        "",
+        "| model | variant | ours | paper |",
+        "| --- | --- | ---: | ---: |",
+        *rows,
+    ]
 
 
 def _parameter_rows(parameters: list[dict], finished: list[dict]) -> list[str]:
